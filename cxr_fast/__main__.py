@@ -1,0 +1,3 @@
+from cxr_fast.cli import main
+
+main()

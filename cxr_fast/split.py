@@ -1,0 +1,131 @@
+"""Patient-level train/val/test splits: never one patient in two splits.
+
+With NIH's official lists the test split is theirs and validation is carved out of train_val by patient. Without
+them, test and validation are both carved out by patient. Carving is stratified at patient level (a greedy form of
+iterative stratification, Sechidis et al. 2011): patients are placed rarest finding first, each into the split that
+still lacks most of that finding, so rare classes such as Hernia (227 of 112,120 images) have positives in every split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast import constants as C
+from cxr_fast.errors import CxrFastError
+from cxr_fast.labels import multi_hot
+
+
+def carve_by_patient(
+    patients: np.ndarray, labels: np.ndarray, fractions: dict[str, float], seed: int
+) -> dict[str, str]:
+    """Assign each patient to one split so that image counts and per-class positives follow `fractions`.
+
+    patients: (images,) patient ids; labels: (images, classes) multi-hot. Returns patient id -> split name.
+    """
+    names = list(fractions)
+    share = np.array([fractions[n] for n in names], dtype=float)
+    if np.any(share < 0) or abs(share.sum() - 1.0) > 1e-6:
+        raise CxrFastError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    frame = pd.DataFrame(labels, columns=range(labels.shape[1]))
+    frame["patient"] = patients
+    per_patient = frame.groupby("patient", sort=True)
+    positives = per_patient.sum().to_numpy(dtype=float)  # (patients, classes): images with each finding
+    n_images = per_patient.size().to_numpy(dtype=float)
+    patient_ids = np.array(list(per_patient.groups.keys()))
+
+    class_totals = positives.sum(axis=0)
+    wanted_pos = share[:, None] * class_totals[None, :]  # (splits, classes) still to place
+    wanted_img = share * n_images.sum()
+
+    rng = np.random.default_rng(seed)
+    # Rarest finding of each patient (by global count); patients without findings go last.
+    rarity = np.where(positives > 0, class_totals[None, :], np.inf)
+    rarest_class = rarity.argmin(axis=1)
+    rarest_count = rarity.min(axis=1)
+    order = np.lexsort((rng.random(len(patient_ids)), rarest_count))
+
+    assignment = {}
+    for p in order:
+        if np.isfinite(rarest_count[p]):
+            need = wanted_pos[:, rarest_class[p]]
+        else:
+            need = wanted_img
+        # Most-lacking split first; ties go to the split lacking most images, then at random.
+        key = np.lexsort((rng.random(len(names)), -wanted_img, -need))
+        chosen = key[0] if share[key[0]] > 0 else int(np.argmax(share))
+        wanted_pos[chosen] -= positives[p]
+        wanted_img[chosen] -= n_images[p]
+        assignment[patient_ids[p]] = names[chosen]
+    return assignment
+
+
+def plan_split(
+    table: pd.DataFrame,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    test_list: list[str] | None = None,
+    train_val_list: list[str] | None = None,
+) -> pd.Series:
+    """Split name for every row of a validated label table (index aligned with `table`).
+
+    With `test_list` the test split is exactly those images; `val_fraction` is then a fraction of train_val.
+    Rows in neither official list get the split name "" (reported, not sharded).
+    """
+    for name, value in (("val fraction", val_fraction), ("test fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise CxrFastError(f"{name} must be in [0, 1), got {value}")
+    labels = multi_hot(table)
+    patients = table[C.COL_PATIENT].to_numpy()
+    images = table[C.COL_IMAGE]
+    split = pd.Series("", index=table.index, dtype=object)
+
+    if test_list is not None:
+        in_test = images.isin(set(test_list))
+        in_train_val = images.isin(set(train_val_list)) if train_val_list is not None else ~in_test
+        both = in_test & in_train_val
+        if both.any():
+            raise CxrFastError(f"image {images[both].iloc[0]} is in both the test list and the train_val list")
+        split[in_test] = "test"
+        pool = in_train_val.to_numpy()
+        fractions = {"train": 1 - val_fraction, "val": val_fraction}
+    else:
+        pool = np.ones(len(table), dtype=bool)
+        if val_fraction + test_fraction >= 1:
+            raise CxrFastError("val fraction + test fraction must be < 1")
+        fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+
+    assignment = carve_by_patient(patients[pool], labels[pool], fractions, seed)
+    split[pool] = [assignment[p] for p in patients[pool]]
+    check_patient_disjoint(patients, split.to_numpy())
+    return split
+
+
+def check_patient_disjoint(patients: np.ndarray, split: np.ndarray) -> None:
+    """Raise if any patient has images in two splits (the official lists are checked by this too)."""
+    frame = pd.DataFrame({"patient": patients, "split": split})
+    frame = frame[frame["split"] != ""]
+    counts = frame.groupby("patient")["split"].nunique()
+    leaked = counts[counts > 1]
+    if len(leaked):
+        raise CxrFastError(
+            f"patient leak: {len(leaked)} patient(s) appear in more than one split, e.g. patient {leaked.index[0]}"
+        )
+
+
+def split_summary(table: pd.DataFrame, split: pd.Series) -> dict[str, dict]:
+    """Per split: images, patients, positives and prevalence per class (for the manifest and the tests)."""
+    labels = multi_hot(table)
+    summary = {}
+    for name in C.SPLITS:
+        mask = (split == name).to_numpy()
+        count = int(mask.sum())
+        positives = labels[mask].sum(axis=0)
+        summary[name] = {
+            "images": count,
+            "patients": int(table.loc[mask, C.COL_PATIENT].nunique()),
+            "positives": {c: int(v) for c, v in zip(C.CLASS_NAMES, positives)},
+            "prevalence": {c: (float(v) / count if count else 0.0) for c, v in zip(C.CLASS_NAMES, positives)},
+        }
+    return summary

@@ -1,0 +1,263 @@
+"""A synthetic data set in the NIH ChestX-ray14 layout, with a visual signal per finding that a small CNN can learn.
+
+Layout written below DIR (as NIH ships it):
+  DIR/Data_Entry_2017.csv            the label table, NIH columns (the only CSV at DIR's top level)
+  DIR/train_val_list.txt, test_list.txt   official-style split lists, patient-disjoint
+  DIR/images_001/images/<patient>_<follow-up>.png   8-bit grayscale PNGs
+
+Images are chest-like (body, two lung fields with texture, heart, ribs, diaphragm, noise). Each finding adds a
+pattern that differs in *appearance*, not only position, because a CNN with global pooling sees appearance best:
+a band (Atelectasis), an enlarged heart (Cardiomegaly), a filled lung base (Effusion), and so on. Labels are drawn
+with the real prevalence order and typical label counts per image; rare classes are floored at `min_prevalence` so
+that a few hundred images still have positives of every class in every split.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxr_fast import constants as C
+from cxr_fast.errors import CxrFastError
+from cxr_fast.labels import format_finding_labels
+
+log = logging.getLogger(__name__)
+
+LABEL_TABLE_NAME = "Data_Entry_2017.csv"
+IMAGES_SUBDIR = "images_001/images"
+# Findings that often come together in the real table (Effusion with Atelectasis or Infiltration, Edema with
+# Effusion, ...): after the first finding of an image, these partners are three times as likely.
+CO_OCCURRING = {
+    "Effusion": ("Atelectasis", "Infiltration", "Edema", "Consolidation"),
+    "Atelectasis": ("Effusion", "Infiltration", "Consolidation"),
+    "Infiltration": ("Effusion", "Atelectasis", "Nodule", "Pneumonia"),
+    "Mass": ("Nodule",),
+    "Nodule": ("Mass", "Infiltration"),
+    "Edema": ("Effusion", "Infiltration", "Pneumonia"),
+    "Emphysema": ("Pneumothorax",),
+    "Pneumothorax": ("Emphysema",),
+}
+# Number of findings in an image that has any (the real table: about 60% one, 25% two, 15% more).
+FINDINGS_PER_IMAGE = {1: 0.6, 2: 0.27, 3: 0.1, 4: 0.03}
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    n_images: int = 800
+    image_size: int = 1024
+    seed: int = 0
+    no_finding_fraction: float = 0.54
+    min_prevalence: float = 0.04
+    test_fraction: float = 0.2
+    mean_images_per_patient: float = 2.5
+
+
+def draw_labels(spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
+    """(n_images, 14) multi-hot labels with the real prevalence order and co-occurrence pattern."""
+    weights = np.array([max(C.REAL_PREVALENCE[c], spec.min_prevalence) for c in C.CLASS_NAMES])
+    counts = list(FINDINGS_PER_IMAGE)
+    count_p = np.array(list(FINDINGS_PER_IMAGE.values()))
+    labels = np.zeros((spec.n_images, C.NUM_CLASSES), dtype=np.uint8)
+    for row in labels:
+        if rng.random() < spec.no_finding_fraction:
+            continue
+        k = rng.choice(counts, p=count_p)
+        p = weights.copy()
+        for _ in range(k):
+            chosen = rng.choice(C.NUM_CLASSES, p=p / p.sum())
+            row[chosen] = 1
+            p[chosen] = 0
+            for partner in CO_OCCURRING.get(C.CLASS_NAMES[chosen], ()):
+                p[C.CLASS_NAMES.index(partner)] *= 3
+    return labels
+
+
+def draw_patients(spec: SynthSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Patient id and follow-up number per image: several images per patient, geometric counts."""
+    patients, followups = [], []
+    patient = 0
+    while len(patients) < spec.n_images:
+        patient += 1
+        n = min(rng.geometric(1 / spec.mean_images_per_patient), spec.n_images - len(patients))
+        patients += [patient] * n
+        followups += list(range(n))
+    return np.array(patients), np.array(followups)
+
+
+class ChestPainter:
+    """Draws one synthetic radiograph; all sizes are given at 1024 px and scaled to the requested size."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.s = size / 1024.0
+        self.rng = rng
+
+    def px(self, value: float) -> int:
+        return max(1, int(round(value * self.s)))
+
+    def paint(self, labels: np.ndarray, anatomy: dict) -> np.ndarray:
+        size, rng = self.size, self.rng
+        image = np.full((size, size), 25.0, np.float32)
+        cv2.ellipse(image, (size // 2, self.px(560)), (self.px(450), self.px(520)), 0, 0, 360, 105, -1)
+        lungs = np.zeros_like(image)
+        lung_axes = (self.px(anatomy["lung_w"]), self.px(anatomy["lung_h"]))
+        centres = [(self.px(512 - 215), self.px(470)), (self.px(512 + 215), self.px(470))]
+        for centre in centres:
+            cv2.ellipse(lungs, centre, lung_axes, 0, 0, 360, 1.0, -1)
+        texture = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), self.px(6))
+        lung_level = 60.0 - (25.0 if labels[C.CLASS_NAMES.index("Emphysema")] else 0.0)
+        image = image * (1 - lungs) + (lung_level + 60 * texture) * lungs
+        ribs = np.zeros_like(image)
+        for k in range(6):  # ribs: bright arcs over the lungs (bone attenuates: brighter, added on top)
+            y = self.px(250 + 85 * k)
+            for cx in (self.px(300), self.px(724)):
+                cv2.ellipse(ribs, (cx, y), (self.px(230), self.px(60)), 0, 180, 360, 35, self.px(14))
+        image += ribs
+        heart_scale = 1.55 if labels[C.CLASS_NAMES.index("Cardiomegaly")] else 1.0
+        heart_axes = (self.px(120 * heart_scale), self.px(150 * heart_scale))
+        cv2.ellipse(image, (self.px(555), self.px(640)), heart_axes, 20, 0, 360, 165, -1)
+        cv2.ellipse(image, (size // 2, self.px(900)), (self.px(480), self.px(120)), 0, 180, 360, 150, -1)
+        for index in np.flatnonzero(labels):
+            getattr(self, "_" + C.CLASS_NAMES[index].lower())(image, centres, lung_axes)
+        image += rng.normal(0, 4, image.shape).astype(np.float32)
+        return np.clip(image, 0, 255).astype(np.uint8)
+
+    def _in_lung(self, centres, axes, margin: float = 0.55) -> tuple[int, int]:
+        cx, cy = centres[self.rng.integers(2)]
+        angle = self.rng.uniform(0, 2 * np.pi)
+        radius = np.sqrt(self.rng.uniform(0, 1)) * margin
+        return int(cx + radius * axes[0] * np.cos(angle)), int(cy + radius * axes[1] * np.sin(angle))
+
+    def _atelectasis(self, image, centres, axes):  # a plate-like horizontal band
+        x, y = self._in_lung(centres, axes)
+        cv2.line(image, (x - self.px(110), y), (x + self.px(110), y + self.px(15)), 190, self.px(34))
+
+    def _cardiomegaly(self, image, centres, axes):  # drawn by paint(): the heart is 1.55 times larger
+        pass
+
+    def _effusion(self, image, centres, axes):  # fluid fills the base of one lung, with a meniscus
+        cx, cy = centres[self.rng.integers(2)]
+        top = cy + int(axes[1] * self.rng.uniform(0.2, 0.45))
+        mask = np.zeros_like(image)
+        cv2.ellipse(mask, (cx, cy), axes, 0, 0, 360, 1.0, -1)
+        mask[:top] = 0
+        image[:] = image * (1 - mask) + 185 * mask
+
+    def _infiltration(self, image, centres, axes):  # patchy fluffy spots
+        patch = np.zeros_like(image)
+        for _ in range(25):
+            cv2.circle(patch, self._in_lung(centres, axes, 0.8), self.px(22), 1.0, -1)
+        image += 70 * cv2.GaussianBlur(patch, (0, 0), self.px(8))
+
+    def _mass(self, image, centres, axes):  # one large sharp round opacity
+        cv2.circle(image, self._in_lung(centres, axes), self.px(self.rng.uniform(70, 90)), 205, -1)
+
+    def _nodule(self, image, centres, axes):  # a few small sharp dots
+        for _ in range(3):
+            cv2.circle(image, self._in_lung(centres, axes, 0.7), self.px(26), 215, -1)
+
+    def _pneumonia(self, image, centres, axes):  # a large cloudy opacity
+        blob = np.zeros_like(image)
+        cv2.circle(blob, self._in_lung(centres, axes, 0.4), self.px(130), 1.0, -1)
+        image += 85 * cv2.GaussianBlur(blob, (0, 0), self.px(45))
+
+    def _pneumothorax(self, image, centres, axes):  # black, texture-free apex with a thin pleural line
+        cx, cy = centres[self.rng.integers(2)]
+        centre, gap_axes = (cx, cy - axes[1] // 2), (int(axes[0] * 0.8), axes[1] // 2)
+        cv2.ellipse(image, centre, gap_axes, 0, 180, 360, 5, -1)
+        cv2.ellipse(image, centre, gap_axes, 0, 180, 360, 230, self.px(8))
+
+    def _consolidation(self, image, centres, axes):  # a dense homogeneous square-edged opacity
+        x, y = self._in_lung(centres, axes)
+        half = self.px(80)
+        cv2.rectangle(image, (x - half, y - half), (x + half, y + half), 175, -1)
+
+    def _edema(self, image, centres, axes):  # Kerley B lines near both lung bases
+        for cx, cy in centres:
+            for k in range(5):
+                y = cy + int(axes[1] * 0.25) + self.px(38 * k)
+                cv2.line(image, (cx - self.px(120), y), (cx + self.px(120), y), 200, self.px(12))
+
+    def _emphysema(self, image, centres, axes):  # drawn by paint(): darker, hyperlucent lungs
+        pass
+
+    def _fibrosis(self, image, centres, axes):  # a reticular net
+        x, y = self._in_lung(centres, axes, 0.4)
+        half, step = self.px(150), self.px(50)
+        for offset in range(-half, half + 1, step):
+            cv2.line(image, (x + offset, y - half), (x + offset, y + half), 190, self.px(10))
+            cv2.line(image, (x - half, y + offset), (x + half, y + offset), 190, self.px(10))
+
+    def _pleural_thickening(self, image, centres, axes):  # a thick bright rim along the outer lung edge
+        side = self.rng.integers(2)
+        cx, cy = centres[side]
+        start = 120 if side == 0 else -60
+        cv2.ellipse(image, (cx, cy), axes, 0, start, start + 120, 215, self.px(30))
+
+    def _hernia(self, image, centres, axes):  # a gas-filled ring behind the heart, at the midline
+        centre = (self.size // 2 + self.px(self.rng.uniform(-40, 40)), self.px(720))
+        cv2.circle(image, centre, self.px(75), 15, -1)
+        cv2.circle(image, centre, self.px(75), 230, self.px(16))
+
+
+def _paint_one(job: tuple) -> None:
+    path, labels, anatomy, size, seed = job
+    painter = ChestPainter(size, np.random.default_rng(seed))
+    if not cv2.imwrite(str(path), painter.paint(labels, anatomy)):
+        raise OSError(f"cannot write {path}")
+
+
+def write_synthetic_dataset(out: str | Path, spec: SynthSpec = SynthSpec(), workers: int = 2) -> Path:
+    """Write the data set below `out` and return the path of its label table."""
+    if spec.n_images < 10:
+        raise CxrFastError("--n-images must be at least 10")
+    if spec.image_size < 64:
+        raise CxrFastError("--image-size must be at least 64")
+    out = Path(out)
+    images_dir = out / IMAGES_SUBDIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    labels = draw_labels(spec, rng)
+    patients, followups = draw_patients(spec, rng)
+    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
+    anatomy = {p: {"lung_w": rng.uniform(150, 175), "lung_h": rng.uniform(250, 300)} for p in set(patients)}
+    ages = {p: int(rng.integers(18, 90)) for p in set(patients)}
+    sexes = {p: rng.choice(["M", "F"]) for p in set(patients)}
+
+    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], spec.image_size, spec.seed * 1_000_003 + i)
+            for i, name in enumerate(names)]
+    with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
+        for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
+            pass
+
+    table = pd.DataFrame({
+        C.COL_IMAGE: names,
+        C.COL_LABELS: [format_finding_labels(row) for row in labels],
+        C.COL_FOLLOWUP: followups,
+        C.COL_PATIENT: patients,
+        C.COL_AGE: [ages[p] + f // 2 for p, f in zip(patients, followups)],
+        C.COL_SEX: [sexes[p] for p in patients],
+        C.COL_VIEW: rng.choice(["PA", "AP"], size=len(names), p=[0.6, 0.4]),
+        "OriginalImage[Width": spec.image_size,
+        "Height]": spec.image_size,
+        "OriginalImagePixelSpacing[x": 0.143 * 1024 / spec.image_size,
+        "y]": 0.143 * 1024 / spec.image_size,
+    })
+    table_path = out / LABEL_TABLE_NAME
+    table.to_csv(table_path, index=False)
+
+    unique_patients = np.unique(patients)
+    test_patients = set(rng.choice(unique_patients, size=max(1, int(round(spec.test_fraction * len(unique_patients)))),
+                                   replace=False))
+    is_test = np.array([p in test_patients for p in patients])
+    (out / "test_list.txt").write_text("\n".join(np.array(names)[is_test]) + "\n")
+    (out / "train_val_list.txt").write_text("\n".join(np.array(names)[~is_test]) + "\n")
+    log.info("wrote %d synthetic images of %d patients to %s", len(names), len(unique_patients), out)
+    return table_path
