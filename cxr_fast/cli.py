@@ -1,0 +1,121 @@
+"""The `cxr-fast` command line: parses options and calls the module that owns the work, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from cxr_fast.errors import CxrFastError
+
+log = logging.getLogger("cxr_fast")
+
+
+class _Group(click.Group):
+    """Turns a `CxrFastError` (bad input the user can fix) into 'Error: …' and exit code 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CxrFastError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """Fast, honest training and auditing of NIH ChestX-ray14 classifiers.
+
+    \b
+    Workflow:  synth (or an NIH download) → shard → train → analyze, plus eda, verify, preview, bench.
+    The demo runs all of it on a synthetic data set:  cxr-fast demo --out outputs/demo
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--n-images", default=800, show_default=True, help="Number of images.")
+@click.option("--image-size", default=1024, show_default=True, help="Side of the square PNGs (NIH: 1024).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Processes drawing images.")
+def synth(out: Path, n_images: int, image_size: int, seed: int, workers: int) -> None:
+    """Write a synthetic data set in the NIH layout (PNGs, Data_Entry_2017.csv, split lists).
+
+    Each finding draws a pattern of its own, so a small CNN can learn it: the demo and the tests use this.
+    """
+    from cxr_fast.synth import SynthSpec, write_synthetic_dataset
+
+    table = write_synthetic_dataset(out, SynthSpec(n_images=n_images, image_size=image_size, seed=seed), workers)
+    click.echo(f"labels: {table}\nimages: {table.parent}")
+
+
+@cli.command()
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder searched recursively for the images (NIH: images_001/images/...).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Data_Entry_2017.csv (or .csv.gz).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"), show_default=True)
+@click.option("--test-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Official test_list.txt (default: the one beside --labels, if any).")
+@click.option("--train-val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Official train_val_list.txt (default: the one beside --labels, if any).")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Validation share (of train_val with lists).")
+@click.option("--test-fraction", default=0.2, show_default=True, help="Test share, used only without split lists.")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per tar.")
+@click.option("--encoding", type=click.Choice(["png", "jpeg", "raw"]), default="png", show_default=True,
+              help="png: lossless, pixel-identical; jpeg: decodes on the GPU; raw: uint8, no decoding.")
+@click.option("--jpeg-quality", default=95, show_default=True)
+@click.option("--resize", type=int, default=None, help="Store images resized to N x N (INTER_AREA).")
+@click.option("--workers", default=2, show_default=True, help="Parallel shard writers.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split and of the sample shuffle.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="fail: stop at a bad input and remove this run's shards; skip: leave it out, list it in the manifest.")
+def shard(images, labels, out, test_list, train_val_list, val_fraction, test_fraction, shard_size, encoding,
+          jpeg_quality, resize, workers, seed, on_error) -> None:
+    """Pack images into WebDataset shards with a patient-level split, DALI indexes and manifest.json.
+
+    Re-running the same command skips shards that are already complete and correct.
+    """
+    from cxr_fast.shards import ShardSpec, write_shards
+
+    spec = ShardSpec(encoding=encoding, jpeg_quality=jpeg_quality, resize=resize, shard_size=shard_size, seed=seed,
+                     val_fraction=val_fraction, test_fraction=test_fraction, on_error=on_error)
+    manifest = write_shards(images, labels, out, spec, workers, test_list, train_val_list)
+    counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients" for name, s in manifest["splits"].items())
+    click.echo(f"{out}: {counts}; {len(manifest['skipped'])} skipped; "
+               f"{manifest['rows_without_image']} table rows had no image")
+
+
+@cli.command("verify")
+@click.argument("shards_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--deep", is_flag=True, help="Also decode every sample and check its labels.")
+def verify_command(shards_dir: Path, deep: bool) -> None:
+    """Check every shard against manifest.json (sha256, DALI index; --deep: every sample)."""
+    from cxr_fast.shards import verify
+
+    problems = verify(shards_dir, deep=deep)
+    for problem in problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{shards_dir}: all shards match the manifest")
+
+
+@cli.command()
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def eda(labels: Path, out: Path) -> None:
+    """Exploratory report of a label table: prevalence, co-occurrence, demographics."""
+    from cxr_fast.labels import read_label_table
+    from cxr_fast.report import write_eda_report
+
+    path = write_eda_report(read_label_table(labels), out, str(labels))
+    click.echo(f"wrote {path}")
+
+
+def main() -> None:
+    cli(prog_name="cxr-fast")
