@@ -117,5 +117,26 @@ def eda(labels: Path, out: Path) -> None:
     click.echo(f"wrote {path}")
 
 
+@cli.command()
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--loader", "backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--n", default=16, show_default=True, help="Number of images.")
+@click.option("--image-size", default=512, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def preview(shards, split, backend, augment, n, image_size, seed, out) -> None:
+    """Write processed images (after CLAHE and augmentation, before normalisation) as OUT/<image_index>.
+
+    With augmentation a contact sheet is written too. Compare --loader dali with --loader torch --no-augment.
+    """
+    from cxr_fast.config import DataConfig
+    from cxr_fast.loader import write_preview
+
+    paths = write_preview(shards, split, backend, DataConfig(image_size=image_size), n, out, augment, seed)
+    click.echo(f"wrote {len(paths)} file(s) to {out}")
+
+
 def main() -> None:
     cli(prog_name="cxr-fast")

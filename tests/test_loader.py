@@ -1,0 +1,156 @@
+import json
+import shutil
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import needs_real_data
+from cxr_fast.cli import cli
+from cxr_fast.config import DataConfig
+from cxr_fast.errors import CxrFastError
+from cxr_fast.loader import create_loader
+from cxr_fast.shards import iter_samples, load_manifest, split_shards
+
+BACKENDS = ["dali", "torch"]
+SMALL = DataConfig(image_size=128)
+
+
+def _collect(loader):
+    images, targets = {}, {}
+    for batch in loader:
+        for key, image, target in zip(batch.keys, batch.images, batch.targets):
+            assert key not in images, f"{key} seen twice"
+            images[key], targets[key] = image.numpy(), target.numpy()
+    return images, targets
+
+
+def _labels_from_json(shards, split):
+    labels = {}
+    for tar in split_shards(shards, split):
+        for key, sample in iter_samples(tar):
+            labels[key] = json.loads(sample["json"])["labels"]
+    return labels
+
+
+@needs_real_data
+def test_backends_agree_and_match_opencv_reference(real_shards):
+    cfg = DataConfig(image_size=512)
+    dali, _ = _collect(create_loader("dali", real_shards, "val", cfg, batch_size=8, train=False, normalize=False))
+    torch_, _ = _collect(create_loader("torch", real_shards, "val", cfg, batch_size=8, train=False, normalize=False))
+    assert dali.keys() == torch_.keys() and len(dali) == load_manifest(real_shards)["splits"]["val"]["images"]
+    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    from conftest import REAL_IMAGES
+
+    between, to_reference = [], {"dali": [], "torch": []}
+    for key in dali:
+        reference = clahe.apply(cv2.resize(cv2.imread(str(REAL_IMAGES / f"{key}.png"), cv2.IMREAD_GRAYSCALE),
+                                           (512, 512), interpolation=cv2.INTER_AREA)).astype(float)
+        a, b = dali[key][0].astype(float), torch_[key][0].astype(float)
+        assert a.shape == (512, 512)
+        between.append(np.abs(a - b).mean())
+        to_reference["dali"].append(np.abs(a - reference).mean())
+        to_reference["torch"].append(np.abs(b - reference).mean())
+    print(f"MAD dali-torch {np.mean(between):.3f}, dali-ref {np.mean(to_reference['dali']):.3f}, "
+          f"torch-ref {np.mean(to_reference['torch']):.3f}")
+    assert np.mean(between) <= 1.0
+    assert np.mean(to_reference["dali"]) <= 3.0 and np.mean(to_reference["torch"]) <= 3.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [False, True])
+def test_labels_stay_with_their_images(synth_shards, backend, train):
+    expected = _labels_from_json(synth_shards, "val")
+    images, targets = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=5, train=train))
+    assert set(targets) == set(expected)
+    for key, target in targets.items():
+        np.testing.assert_array_equal(target, expected[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_are_normalized_channels_last_float(synth_shards, backend):
+    batch = next(iter(create_loader(backend, synth_shards, "train", SMALL, batch_size=4, train=True)))
+    assert batch.images.shape == (4, 1, 128, 128) and batch.images.dtype == torch.float32
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.targets.shape == (4, 14) and batch.targets.dtype == torch.float32
+    assert -3 < batch.images.mean() < 3 and batch.images.std() > 0.3
+    three = next(iter(create_loader(backend, synth_shards, "train", DataConfig(image_size=64, in_chans=3),
+                                    batch_size=2, train=True)))
+    assert three.images.shape == (2, 3, 64, 64) and three.images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches_other_seed_other_batches(synth_shards, backend):
+    def first_batches(seed):
+        loader = create_loader(backend, synth_shards, "train", SMALL, batch_size=8, train=True, seed=seed)
+        batches = []
+        for batch in loader:
+            batches.append((batch.keys, batch.images.clone()))
+            if len(batches) == 2:
+                break
+        return batches
+
+    a, b, c = first_batches(7), first_batches(7), first_batches(8)
+    for (keys_a, images_a), (keys_b, images_b) in zip(a, b):
+        assert keys_a == keys_b and torch.equal(images_a, images_b)
+    assert a[0][0] != c[0][0] or not torch.equal(a[0][1], c[0][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_changes_images_but_not_eval(synth_shards, backend):
+    plain, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=False))
+    again, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=False))
+    augmented, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=True))
+    assert all(np.array_equal(plain[k], again[k]) for k in plain)
+    changed = [np.abs(plain[k] - augmented[k]).mean() > 0.01 for k in plain]
+    assert np.mean(changed) > 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_see_every_eval_sample_exactly_once(synth_shards, backend):
+    total = load_manifest(synth_shards)["splits"]["test"]["images"]
+    seen = []
+    for rank in range(2):
+        loader = create_loader(backend, synth_shards, "test", SMALL, batch_size=4, train=False, rank=rank,
+                               world_size=2)
+        keys = [key for batch in loader for key in batch.keys]
+        assert len(keys) == loader.num_samples
+        seen += keys
+    assert len(seen) == total and len(set(seen)) == total
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_shard_error_names_the_shard(synth_shards, tmp_path, backend):
+    copy = tmp_path / "shards"
+    shutil.copytree(synth_shards, copy)
+    victim = copy / "val" / "shard-000000.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])  # truncated mid-sample
+    with pytest.raises(CxrFastError, match="shard-000000"):
+        _collect(create_loader(backend, copy, "val", SMALL, batch_size=4, train=False))
+
+
+def test_missing_dali_gives_an_install_hint(monkeypatch):
+    from cxr_fast.pipeline import import_dali
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(CxrFastError, match="pip install nvidia-dali-cuda120"):
+        import_dali()
+
+
+def test_missing_split_is_a_clear_error(synth_shards):
+    with pytest.raises(CxrFastError, match="unknown split 'holdout'"):
+        create_loader("torch", synth_shards, "holdout", SMALL, batch_size=4, train=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preview_writes_processed_images(synth_shards, tmp_path, backend):
+    out = tmp_path / backend
+    result = CliRunner().invoke(cli, ["preview", "--shards", str(synth_shards), "--split", "val", "--loader", backend,
+                                      "--n", "5", "--image-size", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    images = sorted(out.glob("0*.png"))
+    assert len(images) == 5 and (out / "contact_sheet.png").exists()
+    assert cv2.imread(str(images[0]), cv2.IMREAD_UNCHANGED).shape == (128, 128)
