@@ -137,7 +137,7 @@ class ChestPainter:
 
     def _atelectasis(self, image, centres, axes):  # a plate-like horizontal band
         x, y = self._in_lung(centres, axes)
-        cv2.line(image, (x - self.px(110), y), (x + self.px(110), y + self.px(15)), 190, self.px(34))
+        cv2.line(image, (x - self.px(130), y), (x + self.px(130), y + self.px(15)), 200, self.px(50))
 
     def _cardiomegaly(self, image, centres, axes):  # drawn by paint(): the heart is 1.55 times larger
         pass
@@ -160,8 +160,8 @@ class ChestPainter:
         cv2.circle(image, self._in_lung(centres, axes), self.px(self.rng.uniform(70, 90)), 205, -1)
 
     def _nodule(self, image, centres, axes):  # a few small sharp dots
-        for _ in range(3):
-            cv2.circle(image, self._in_lung(centres, axes, 0.7), self.px(26), 215, -1)
+        for _ in range(4):
+            cv2.circle(image, self._in_lung(centres, axes, 0.7), self.px(38), 225, -1)
 
     def _pneumonia(self, image, centres, axes):  # a large cloudy opacity
         blob = np.zeros_like(image)
@@ -199,7 +199,7 @@ class ChestPainter:
         side = self.rng.integers(2)
         cx, cy = centres[side]
         start = 120 if side == 0 else -60
-        cv2.ellipse(image, (cx, cy), axes, 0, start, start + 120, 215, self.px(30))
+        cv2.ellipse(image, (cx, cy), axes, 0, start, start + 140, 235, self.px(48))
 
     def _hernia(self, image, centres, axes):  # a gas-filled ring behind the heart, at the midline
         centre = (self.size // 2 + self.px(self.rng.uniform(-40, 40)), self.px(720))

@@ -1,0 +1,164 @@
+"""Train and eval steps: AMP, channels-last inputs, gradient accumulation, clipping, EMA; the LR schedule.
+
+`TrainState` carries what a step changes, instead of a long list of arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from cxr_fast.errors import CxrFastError
+
+
+class NonFiniteLoss(CxrFastError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # possibly DDP-wrapped or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    accum: int
+    clip_grad_norm: float
+    ema: nn.Module | None = None
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    batch_in_epoch: int = 0  # micro-batches of the current epoch done (always a multiple of accum between steps)
+    history: dict = field(default_factory=lambda: {"loss_sum": 0.0, "loss_count": 0})  # of the current epoch
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the device supports it, fp16 (with a grad scaler) on older GPUs, off on the CPU."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None  # CPU autocast is slower than fp32 on most CPUs
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+    """LR multiplier per optimizer step: linear warm-up from 0, then cosine down to min_ratio."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch.device, batches: int,
+                    should_stop, show_progress: bool = True) -> tuple[float, bool]:
+    """Run micro-batches until `batches` (a multiple of accum) are done or `should_stop()` says so at a step
+    boundary. Resumes inside an epoch by skipping the `state.batch_in_epoch` batches already trained on.
+    Returns (mean loss of the epoch's micro-batches so far, whether it stopped early)."""
+    model, accum = state.model, state.accum
+    model.train()
+    recent, seen, started = [], 0, time.perf_counter()
+    skip = state.batch_in_epoch
+    if skip == 0:
+        state.history = {"loss_sum": 0.0, "loss_count": 0}
+    progress = tqdm(total=batches, initial=skip, desc=f"epoch {state.epoch + 1}", unit="batch",
+                    disable=not show_progress, leave=False)
+    iterator = iter(loader)
+    for index in range(batches):
+        batch = next(iterator, None)
+        if batch is None:
+            raise CxrFastError(f"the train loader ended after {index} batches, {batches} expected")
+        if index < skip:
+            continue  # already trained on before the interruption; the loader is seeded, so these are the same
+        last_of_step = (index + 1) % accum == 0
+        sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_of_step \
+            else contextlib.nullcontext()
+        with sync:
+            with autocast(device, state.amp_dtype):
+                logits = model(batch.images)
+            loss = loss_fn(logits, batch.targets)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at optimizer step {state.step + 1} (epoch {state.epoch + 1}, "
+                                    f"batch {index + 1}); try a lower --lr or --amp bf16/off")
+            state.scaler.scale(loss / accum).backward()
+        recent = (recent + [value])[-50:]
+        state.history["loss_sum"] += value
+        state.history["loss_count"] += 1
+        seen += len(batch.keys)
+        if last_of_step:
+            _optimizer_step(state)
+            state.batch_in_epoch = index + 1
+            progress.update(accum)
+            progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+            if should_stop():
+                break
+    progress.close()
+    mean = state.history["loss_sum"] / max(1, state.history["loss_count"])
+    return mean, state.batch_in_epoch < batches
+
+
+def _optimizer_step(state: TrainState) -> None:
+    state.scaler.unscale_(state.optimizer)
+    if state.clip_grad_norm:
+        nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update(_unwrap(state.model), step=state.step)
+    state.step += 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+             distributed: bool = False, show_progress: bool = True) -> dict:
+    """Predictions over the whole split, gathered across ranks (each sample exactly once): probs, targets, keys
+    (sorted by key, so every rank holds the same arrays) and the mean loss."""
+    model.eval()
+    probs, targets, keys, loss_sum = [], [], [], 0.0
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not show_progress, leave=False):
+        with autocast(device, amp_dtype):
+            logits = model(batch.images)
+        loss_sum += loss_fn(logits, batch.targets).item() * len(batch.keys)
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        targets.append(batch.targets.cpu().numpy())
+        keys += batch.keys
+    part = (np.concatenate(probs) if probs else np.zeros((0, 14), np.float32),
+            np.concatenate(targets) if targets else np.zeros((0, 14), np.float32), keys, loss_sum)
+    parts = [part]
+    if distributed:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, part)
+    all_keys = [k for p in parts for k in p[2]]
+    order = np.argsort(all_keys, kind="mergesort")
+    return {"probs": np.concatenate([p[0] for p in parts])[order],
+            "targets": np.concatenate([p[1] for p in parts])[order],
+            "keys": [all_keys[i] for i in order],
+            "loss": sum(p[3] for p in parts) / max(1, len(all_keys))}

@@ -1,0 +1,64 @@
+"""`create_model()`: a timm backbone with the 14-finding head, ImageNet weights from the hub or a local file.
+
+For ConvNeXt, timm's own head already is the head we want: global average pool → LayerNorm → Dropout(drop_rate) →
+Linear(features, 14) (1536 → 14 for convnext_large), so the pretrained LayerNorm is kept. Other timm models get
+their family's head with the same dropout. Outputs are logits; sigmoid is applied at inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxr_fast import constants as C
+from cxr_fast.config import ModelConfig
+from cxr_fast.errors import CxrFastError
+
+
+def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_CLASSES,
+                 pretrained: bool | None = None) -> nn.Module:
+    """Build the classifier. A one-channel stem folds the pretrained RGB weights (timm sums them over channels).
+
+    pretrained=None follows the config; False is used when a checkpoint will overwrite the weights anyway.
+    """
+    import timm
+
+    use_pretrained = cfg.pretrained if pretrained is None else pretrained
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": cfg.drop_rate}
+    if not timm.is_model(cfg.name):
+        raise CxrFastError(f"unknown timm model {cfg.name!r} (e.g. convnext_large, convnext_atto)")
+    if cfg.weights and use_pretrained is not False:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise CxrFastError(f"--weights {path}: no such file")
+        try:
+            model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError) as error:
+            raise CxrFastError(f"--weights {path} does not fit {cfg.name}: {str(error).splitlines()[0][:300]}") from None
+    elif use_pretrained:
+        try:
+            model = timm.create_model(cfg.name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as error:  # huggingface_hub's offline and not-found errors are OSErrors
+            raise CxrFastError(
+                f"could not get ImageNet weights for {cfg.name} from the timm hub ({type(error).__name__}). "
+                f"If this machine is offline, pass --weights FILE (a timm or torch checkpoint of {cfg.name}, e.g. "
+                f"downloaded elsewhere), or --no-pretrained to train from random weights.") from None
+    else:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final Linear layer (for checks and for reporting the feature width)."""
+    return model.get_classifier()
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The last stage of the backbone: Grad-CAM++ looks at its feature maps."""
+    if hasattr(model, "stages"):
+        return model.stages[-1]
+    raise CxrFastError(f"Grad-CAM++ needs a model with `stages` (ConvNeXt family); got {type(model).__name__}")
