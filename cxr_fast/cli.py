@@ -198,5 +198,29 @@ def train(ctx, shards, out, config_file, resume, **_options) -> None:
                    f"{out / 'checkpoints'}")
 
 
+@cli.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt or last.pt of a run (holds the validation thresholds).")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--top-k", default=3, show_default=True, help="False positives and negatives shown per class.")
+@click.option("--bbox", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="NIH BBox_List_2017.csv: adds localisation scores (IoBB, pointing game).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--bootstrap", default=500, show_default=True, help="Patient-level bootstrap resamples for AUROC CIs.")
+def analyze(checkpoint, shards, split, out, device, loader, top_k, bbox, batch_size, bootstrap) -> None:
+    """Per-class metrics at validation thresholds, ROC/PR curves, Grad-CAM++ of the worst errors, report.md.
+
+    Writes OUT/report.md, predictions.csv, metrics.json, curves/ and visualizations/{fp,fn}/.
+    """
+    from cxr_fast.analyze import run_analysis
+
+    metrics = run_analysis(checkpoint, shards, out, split, device, loader, top_k, bbox, batch_size, bootstrap)
+    click.echo(f"{split}: macro AUROC {metrics['macro']['auroc']:.4f}; report {out / 'report.md'}")
+
+
 def main() -> None:
     cli(prog_name="cxr-fast")

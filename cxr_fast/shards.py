@@ -197,7 +197,7 @@ def _write_shard(job: dict) -> dict:
     spec = ShardSpec(**job["spec"])
     tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
     tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
-    skipped, keys = [], []
+    skipped, keys, patients, image_names = [], [], [], []
     try:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
@@ -223,6 +223,8 @@ def _write_shard(job: dict) -> dict:
                 for ext in sorted(components):
                     _add(tar, f"{key}.{ext}", components[ext])
                 keys.append(key)
+                patients.append(meta["patient_id"])
+                image_names.append(meta["image_index"])
         if not keys:
             raise BadInput(job["tar"], "no sample of this shard could be read")
         tmp_idx.write_text(dali_index(tmp_tar))
@@ -232,8 +234,8 @@ def _write_shard(job: dict) -> dict:
     finally:
         for tmp in (tmp_tar, tmp_idx):
             tmp.unlink(missing_ok=True)
-    return {"name": job["name"], "sha256": digest, "samples": len(keys), "keys": keys, "skipped": skipped,
-            "digest": job["digest"]}
+    return {"name": job["name"], "sha256": digest, "samples": len(keys), "keys": keys, "patients": patients,
+            "image_index": image_names, "skipped": skipped, "digest": job["digest"]}
 
 
 # ----------------------------------------------------------------------------------------------------- planning
@@ -550,3 +552,12 @@ def _check_samples(tar: Path, record: dict) -> list[str]:
     if count != record["samples"]:
         problems.append(f"{count} samples, manifest says {record['samples']}")
     return problems
+
+
+def sample_table(manifest: dict, split: str) -> dict[str, tuple[str, str]]:
+    """key -> (image_index, patient_id) for every sample of a split, from the manifest alone."""
+    table = {}
+    for name in manifest["splits"][split]["shards"]:
+        record = manifest["shards"][name]
+        table.update(zip(record["keys"], zip(record["image_index"], record["patients"])))
+    return table

@@ -47,3 +47,16 @@ def real_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real_shards")
     write_shards(REAL_IMAGES, REAL_TABLE, out, ShardSpec(shard_size=50), workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_shards, tmp_path_factory) -> Path:
+    """A one-epoch convnext_atto run on the synthetic shards (its checkpoints feed the analysis tests)."""
+    from cxr_fast.config import RunConfig, replace
+    from cxr_fast.train import run_training
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = replace(RunConfig(), **{"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64,
+                                  "optim.batch_size": 4, "optim.accum": 2, "optim.epochs": 1, "optim.lr": 1e-3})
+    run_training(cfg, synth_shards, out, show_progress=False)
+    return out
