@@ -137,14 +137,14 @@ class TorchLoader:
 
 class DaliLoader:
     def __init__(self, tars, image_ext, cfg, batch_size, train, device, seed, rank, world_size, normalize,
-                 num_samples):
+                 num_samples, dali_gpu=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from cxr_fast.pipeline import READER_NAME, build_pipeline
 
         self.device, self.num_samples, self.batch_size = device, num_samples, batch_size
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else None
+        on_gpu = device.type == "cuda" if dali_gpu is None else dali_gpu
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
         try:
             self.pipe = build_pipeline([str(t) for t in tars], image_ext, cfg, batch_size=batch_size, train=train,
                                        device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size,
@@ -179,8 +179,11 @@ def _dali_reason(error: Exception) -> str:
 
 def create_loader(backend: str, shards_dir: str | Path, split: str, cfg: DataConfig, *, batch_size: int,
                   train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-                  normalize: bool = True):
-    """A loader over one split. train=True shuffles and augments; False reads in order, without augmentation."""
+                  normalize: bool = True, dali_gpu: bool | None = None):
+    """A loader over one split. train=True shuffles and augments; False reads in order, without augmentation.
+
+    dali_gpu=False keeps the DALI pipeline on the CPU even when `device` is CUDA (benchmarks); None follows device.
+    """
     manifest = load_manifest(shards_dir)
     tars = split_shards(shards_dir, split, manifest)
     total = manifest["splits"][split]["images"]
@@ -189,7 +192,7 @@ def create_loader(backend: str, shards_dir: str | Path, split: str, cfg: DataCon
     device = torch.device(device)
     if backend == "dali":
         return DaliLoader(tars, manifest["image_ext"], cfg, batch_size, train, device, seed, rank, world_size,
-                          normalize, num_samples)
+                          normalize, num_samples, dali_gpu)
     if backend == "torch":
         return TorchLoader(tars, cfg, batch_size, train, device, seed, rank, world_size, normalize, num_samples)
     raise CxrFastError(f"unknown loader {backend!r}: use dali or torch")

@@ -1,0 +1,202 @@
+"""Throughput measurements: warm-up, then measured loops with synchronised timers; JSON results with the settings
+and the machine that produced them. Ratios are only meaningful between results of one run on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from cxr_fast.config import DataConfig, ModelConfig
+from cxr_fast.errors import CxrFastError
+from cxr_fast.loader import create_loader
+from cxr_fast.shards import decode_image, iter_samples, load_manifest, split_shards
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; others via --peak-tflops.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "opencv": cv2.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        import nvidia.dali
+
+        info["dali"] = nvidia.dali.__version__
+    except ImportError:
+        info["dali"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_busy_seconds() -> float:
+    """Busy CPU time of the whole machine (all cores), from /proc/stat, in seconds."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches_forever(make_loader):
+    while True:
+        produced = False
+        for batch in make_loader():
+            produced = True
+            yield batch
+        if not produced:
+            raise CxrFastError("the loader produced no batch")
+
+
+def bench_loader(shards_dir, split: str, backend: str, batch_size: int, batches: int, warmup: int = 5,
+                 image_size: int = 512, workers: int | None = None, augment: bool = True) -> dict:
+    """Images/s of a loader doing the full work (decode → resize → CLAHE → augment → normalised channels-last
+    batches on the target device), and how many cores it kept busy."""
+    if backend not in ("dali-gpu", "dali-cpu", "torch"):
+        raise CxrFastError(f"unknown loader {backend!r}: dali-gpu, dali-cpu or torch")
+    if backend == "dali-gpu" and not torch.cuda.is_available():
+        raise CxrFastError("dali-gpu needs a CUDA device; use dali-cpu or torch here")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = workers or os.cpu_count()
+    cfg = DataConfig(image_size=image_size, num_threads=workers)
+
+    def make_loader():
+        return create_loader("torch" if backend == "torch" else "dali", shards_dir, split, cfg,
+                             batch_size=batch_size, train=augment, device=device,
+                             dali_gpu=backend == "dali-gpu" if backend != "torch" else None)
+
+    stream = _batches_forever(make_loader)
+    for _ in range(warmup):
+        next(stream)
+    _sync(device)
+    busy, started = _cpu_busy_seconds(), time.perf_counter()
+    images = 0
+    for _ in range(batches):
+        images += len(next(stream).keys)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    manifest = load_manifest(shards_dir)
+    return {"kind": "loader", "backend": backend, "images_per_second": images / seconds, "images": images,
+            "seconds": seconds, "batch_size": batch_size, "workers": workers, "image_size": image_size,
+            "augment": augment, "cpu_cores_busy": (_cpu_busy_seconds() - busy) / seconds, "split": split,
+            "encoding": manifest["config"]["encoding"], "stored_size": manifest["config"]["resize"],
+            "device": str(device), "machine": machine()}
+
+
+def bench_decode(shards_dir, split: str, samples: int = 64) -> dict:
+    """The decode-bound limit of an encoding: images/s of decoding alone on one core (OpenCV, one thread)."""
+    payloads = []
+    for tar in split_shards(shards_dir, split):
+        for _key, sample in iter_samples(tar):
+            payloads.append(sample)
+            if len(payloads) == samples:
+                break
+        if len(payloads) == samples:
+            break
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        decode_image(payloads[0])
+        started = time.perf_counter()
+        for sample in payloads:
+            decode_image(sample)
+        seconds = time.perf_counter() - started
+    finally:
+        cv2.setNumThreads(threads)
+    sizes = [len(s.get("png") or s.get("jpg") or s.get("raw")) for s in payloads]
+    return {"kind": "decode", "images_per_second_per_core": len(payloads) / seconds,
+            "decode_bound_images_per_second": len(payloads) / seconds * os.cpu_count(),
+            "bytes_per_image": float(np.mean(sizes)), "machine": machine()}
+
+
+def model_flops_per_image(model: torch.nn.Module, in_chans: int, image_size: int, device: torch.device) -> float:
+    """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter (one image of batch 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, in_chans, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, steps: int, warmup: int = 3,
+                amp: str = "auto", channels_last: bool = True, compile: bool = False, in_chans: int = 1,
+                data: str = "synthetic", workers: int | None = None, peak_tflops: float | None = None) -> dict:
+    """Training images/s, with synthetic on-device inputs (the compute ceiling) or a real loader; the share of step
+    time spent waiting for data; MFU from counted FLOPs against the device's peak."""
+    from cxr_fast.engine import autocast, resolve_amp
+    from cxr_fast.losses import FocalLoss
+    from cxr_fast.model import create_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(ModelConfig(name=model_name, pretrained=False, channels_last=channels_last),
+                         in_chans=in_chans).to(device)
+    flops = model_flops_per_image(model, in_chans, image_size, device)
+    step_model = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp_dtype = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = FocalLoss(2.0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if data == "synthetic":
+        x = torch.randn(batch_size, in_chans, image_size, image_size, device=device).contiguous(memory_format=layout)
+        y = (torch.rand(batch_size, 14, device=device) > 0.9).float()
+        stream = iter(lambda: (x, y), None)
+    else:
+        cfg = DataConfig(image_size=image_size, in_chans=in_chans, num_threads=workers or os.cpu_count())
+        batches = _batches_forever(lambda: create_loader(data, shards_dir, "train", cfg, batch_size=batch_size,
+                                                         train=True, device=device))
+        stream = ((b.images.contiguous(memory_format=layout), b.targets) for b in batches)
+
+    wait = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            started, wait = time.perf_counter(), 0.0
+        before = time.perf_counter()
+        x, y = next(stream)
+        _sync(device)
+        wait += time.perf_counter() - before
+        with autocast(device, amp_dtype):
+            logits = step_model(x)
+        scaler.scale(loss_fn(logits, y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    rate = steps * batch_size / seconds
+    peak = peak_tflops * 1e12 if peak_tflops else _peak(device)
+    return {"kind": "train", "model": model_name, "data": data, "images_per_second": rate,
+            "data_wait_fraction": wait / seconds, "flops_per_image": flops,
+            "mfu": rate * flops / peak if peak else None, "peak_flops": peak, "batch_size": batch_size,
+            "image_size": image_size, "amp": str(amp_dtype), "channels_last": channels_last, "compile": compile,
+            "in_chans": in_chans, "steps": steps, "device": str(device), "machine": machine()}
+
+
+def _peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
+
+
+def write_json(result: dict, path: str | Path | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1))
