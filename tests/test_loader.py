@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import sys
 
@@ -24,7 +25,7 @@ def _collect(loader):
     for batch in loader:
         for key, image, target in zip(batch.keys, batch.images, batch.targets):
             assert key not in images, f"{key} seen twice"
-            images[key], targets[key] = image.numpy(), target.numpy()
+            images[key], targets[key] = image.cpu().numpy(), target.cpu().numpy()
     return images, targets
 
 
@@ -39,7 +40,9 @@ def _labels_from_json(shards, split):
 @needs_real_data
 def test_backends_agree_and_match_opencv_reference(real_shards):
     cfg = DataConfig(image_size=512)
-    dali, _ = _collect(create_loader("dali", real_shards, "val", cfg, batch_size=8, train=False, normalize=False))
+    device = os.environ.get("CXR_FAST_TEST_DEVICE", "cpu")  # tools/gpu_check.sh runs this with the GPU pipeline
+    dali, _ = _collect(create_loader("dali", real_shards, "val", cfg, batch_size=8, train=False, normalize=False,
+                                     device=device))
     torch_, _ = _collect(create_loader("torch", real_shards, "val", cfg, batch_size=8, train=False, normalize=False))
     assert dali.keys() == torch_.keys() and len(dali) == load_manifest(real_shards)["splits"]["val"]["images"]
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
