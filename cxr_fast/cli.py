@@ -73,7 +73,7 @@ def synth(out: Path, n_images: int, image_size: int, seed: int, workers: int) ->
 @click.option("--workers", default=2, show_default=True, help="Parallel shard writers.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of the sample shuffle.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="fail: stop at a bad input and remove this run's shards; skip: leave it out, list it in the manifest.")
+              help="fail: stop at a bad input, remove this run's shards; skip: leave it out, list it in the manifest.")
 def shard(images, labels, out, test_list, train_val_list, val_fraction, test_fraction, shard_size, encoding,
           jpeg_quality, resize, workers, seed, on_error) -> None:
     """Pack images into WebDataset shards with a patient-level split, DALI indexes and manifest.json.
@@ -85,7 +85,8 @@ def shard(images, labels, out, test_list, train_val_list, val_fraction, test_fra
     spec = ShardSpec(encoding=encoding, jpeg_quality=jpeg_quality, resize=resize, shard_size=shard_size, seed=seed,
                      val_fraction=val_fraction, test_fraction=test_fraction, on_error=on_error)
     manifest = write_shards(images, labels, out, spec, workers, test_list, train_val_list)
-    counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients" for name, s in manifest["splits"].items())
+    counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
+                       for name, s in manifest["splits"].items())
     click.echo(f"{out}: {counts}; {len(manifest['skipped'])} skipped; "
                f"{manifest['rows_without_image']} table rows had no image")
 

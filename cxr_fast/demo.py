@@ -83,7 +83,8 @@ def run_demo(spec: DemoSpec) -> dict[str, Path]:
     log.info("[6/%d] loader benchmark", steps)
     write_json(bench_loader(out / "shards", "train", "dali-gpu" if gpu else "dali-cpu", batch_size=16, batches=10,
                             warmup=2, image_size=config.data.image_size), out / "bench-loader.json")
-    return {"data": Path(images), "labels": Path(labels), "shards": out / "shards", "manifest": out / "shards/manifest.json",
+    return {"data": Path(images), "labels": Path(labels), "shards": out / "shards",
+            "manifest": out / "shards/manifest.json",
             "eda": out / "eda/report.md", "checkpoint": out / "run/checkpoints/best.pt",
             "metrics": out / "run/metrics.jsonl", "report": out / "analysis/report.md",
             "gradcam": out / "analysis/visualizations", "benchmark": out / "bench-loader.json"}

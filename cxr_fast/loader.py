@@ -12,6 +12,7 @@ ranks (DALI: one reader shard per rank with padding; torch: sample i goes to wor
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.train:
             # Every worker shuffles with the same seed, so "every k-th sample" still partitions the epoch.
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
-                                      rng=__import__("random").Random(self.seed)))
+                                      rng=random.Random(self.seed)))
         return wds.DataPipeline(*stages)
 
     def __iter__(self):

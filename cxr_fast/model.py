@@ -36,7 +36,8 @@ def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_C
         try:
             model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as error:
-            raise CxrFastError(f"--weights {path} does not fit {cfg.name}: {str(error).splitlines()[0][:300]}") from None
+            reason = str(error).splitlines()[0][:300]
+            raise CxrFastError(f"--weights {path} does not fit {cfg.name}: {reason}") from None
     elif use_pretrained:
         try:
             model = timm.create_model(cfg.name, pretrained=True, **kwargs)
@@ -50,11 +51,6 @@ def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_C
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def classifier_head(model: nn.Module) -> nn.Linear:
-    """The final Linear layer (for checks and for reporting the feature width)."""
-    return model.get_classifier()
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:

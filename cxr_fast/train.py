@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cxr_fast import constants as C
 from cxr_fast.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from cxr_fast.config import RunConfig, dump_yaml, from_dict, to_dict
-from cxr_fast.engine import (NonFiniteLoss, TrainState, _unwrap, evaluate, resolve_amp, train_one_epoch,
+from cxr_fast.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch,
                              warmup_cosine)
 from cxr_fast.errors import CxrFastError
 from cxr_fast.loader import create_loader
@@ -165,8 +165,9 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "ema": ema.module.state_dict() if ema is not None else None, "epoch": state.epoch,
-                   "step": state.step, "batch_in_epoch": state.batch_in_epoch, "history": state.history, "rng": rng, "config": to_dict(cfg),
-                   "class_names": list(C.CLASS_NAMES), "best_auc": best_auc, "thresholds": thresholds,
+                   "step": state.step, "batch_in_epoch": state.batch_in_epoch, "history": state.history,
+                   "rng": rng, "config": to_dict(cfg), "class_names": list(C.CLASS_NAMES), "best_auc": best_auc,
+                   "thresholds": thresholds,
                    "val": record}
         for path in kind_paths:
             save_checkpoint(payload, path)

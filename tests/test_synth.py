@@ -1,9 +1,8 @@
 import cv2
 import numpy as np
-import pandas as pd
 
 from cxr_fast import constants as C
-from cxr_fast.labels import multi_hot, read_label_table
+from cxr_fast.labels import read_label_table
 
 
 def test_synthetic_set_has_the_nih_layout(synth_dir):
