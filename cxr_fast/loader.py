@@ -34,7 +34,8 @@ class Batch:
 
 
 def normalize(images_u8: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(N, 1, H, W) uint8 -> float (x - mean) / std, channels-last, with `in_chans` channels."""
+    """(N, 1, H, W) uint8 -> float (x - mean) / std, channels-last, with `in_chans` channels (gray replicated).
+    Both backends end here, on the target device: uint8 crosses the bus, not float."""
     images = (images_u8.float() - C.GRAY_MEAN) / C.GRAY_STD
     if in_chans == 3:
         images = images.expand(-1, 3, -1, -1)
@@ -146,10 +147,10 @@ class DaliLoader:
         self.device, self.num_samples, self.batch_size = device, num_samples, batch_size
         on_gpu = device.type == "cuda" if dali_gpu is None else dali_gpu
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
+        self.cfg, self.normalize = cfg, normalize
         try:
             self.pipe = build_pipeline([str(t) for t in tars], image_ext, cfg, batch_size=batch_size, train=train,
-                                       device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size,
-                                       normalize=normalize)
+                                       device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size)
             # PARTIAL with padded shards: every sample exactly once per epoch, no duplicates from the padding.
             self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "ids"], reader_name=READER_NAME,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -164,6 +165,7 @@ class DaliLoader:
             for (out,) in self.iterator:
                 # HWC batch viewed as NCHW: channels-last strides, no copy.
                 images = out["images"].permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+                images = normalize(images, self.cfg.in_chans) if self.normalize else images
                 yield Batch(images, out["labels"].to(self.device, non_blocking=True).float(),
                             [decode_id(row) for row in out["ids"].numpy()])
         except RuntimeError as error:

@@ -1,13 +1,14 @@
-"""The DALI pipelines (train and eval): read → decode → gray → resize → CLAHE → augment → normalise.
+"""The DALI pipelines (train and eval): read → decode → gray → resize → CLAHE → augment.
 
 Built from `DataConfig` alone. `device_id=None` runs every operator on the CPU (tests, CPU-only machines); with a GPU
 id JPEG decodes on the GPU ('mixed'), PNG decodes on the CPU (as DALI does) and everything after it runs on the GPU.
-The output is HWC, so `loader.py` views a batch as NCHW channels-last without a copy.
+The output is uint8 HWC: `loader.py` views a batch as NCHW channels-last without a copy and normalises it with torch
+on the same device, as it does for the OpenCV backend. (DALI's CPU crop_mirror_normalize cost 9.5 core-ms per 512²
+image, 30 times the torch op: benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
 
-from cxr_fast import constants as C
 from cxr_fast.config import DataConfig
 from cxr_fast.errors import CxrFastError
 
@@ -25,43 +26,34 @@ def import_dali():
     return fn, pipeline_def, types
 
 
-def _apply(fn, types, probability: float):
-    """1.0 with `probability`, else 0.0, per sample: scales a transform's strength to nothing when it is skipped."""
-    return fn.cast(fn.random.coin_flip(probability=probability), dtype=types.FLOAT)
-
-
 def _augment(images, cfg: DataConfig, fn, types):
+    """Per-sample branches (DALI conditionals): a transform runs only for the samples that draw it, which on the
+    CPU saves most of the cost of warp_affine and of drawing a normal per pixel (benchmarks/RESULTS.md)."""
     aug, size = cfg.augment, float(cfg.image_size)
     centre = [size / 2, size / 2]
-    on = _apply(fn, types, aug.affine_prob)
-    angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees]) * on
-    scale = 1.0 + (fn.random.uniform(range=list(aug.scale_range)) - 1.0) * on
-    shift = fn.random.uniform(range=[-aug.translate_fraction * size, aug.translate_fraction * size], shape=[2]) * on
-    matrix = fn.transforms.rotation(angle=angle, center=centre)
-    matrix = fn.transforms.scale(matrix, scale=fn.stack(scale, scale), center=centre)
-    matrix = fn.transforms.translation(matrix, offset=shift)
-    # Source-to-destination matrix; borders filled with black, the background of a radiograph.
-    images = fn.warp_affine(images, matrix=matrix, inverse_map=False, fill_value=0)
+    if fn.random.coin_flip(probability=aug.affine_prob):
+        scale = fn.random.uniform(range=list(aug.scale_range))
+        shift = fn.random.uniform(range=[-aug.translate_fraction * size, aug.translate_fraction * size], shape=[2])
+        matrix = fn.transforms.rotation(angle=fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees]),
+                                        center=centre)
+        matrix = fn.transforms.scale(matrix, scale=fn.stack(scale, scale), center=centre)
+        matrix = fn.transforms.translation(matrix, offset=shift)
+        # Source-to-destination matrix; borders filled with black, the background of a radiograph.
+        images = fn.warp_affine(images, matrix=matrix, inverse_map=False, fill_value=0)
     if aug.hflip_prob > 0:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug.hflip_prob))
-    on = _apply(fn, types, aug.brightness_contrast_prob)
-    brightness = 1.0 + (fn.random.uniform(range=list(aug.brightness_range)) - 1.0) * on
-    contrast = 1.0 + (fn.random.uniform(range=list(aug.contrast_range)) - 1.0) * on
-    images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=128.0)
-    # A per-sample branch rather than stddev 0: drawing a normal per pixel is the dearest CPU operator here, and
-    # the branch runs it only for the samples that get noise (measured: see benchmarks/RESULTS.md).
+    if fn.random.coin_flip(probability=aug.brightness_contrast_prob):
+        images = fn.brightness_contrast(images, brightness=fn.random.uniform(range=list(aug.brightness_range)),
+                                        contrast=fn.random.uniform(range=list(aug.contrast_range)),
+                                        contrast_center=128.0)
     if fn.random.coin_flip(probability=aug.noise_prob):
         images = fn.noise.gaussian(images, stddev=aug.noise_std)
     return images
 
 
 def build_pipeline(tars: list[str], image_ext: str, cfg: DataConfig, *, batch_size: int, train: bool,
-                   device_id: int | None, seed: int, shard_id: int = 0, num_shards: int = 1,
-                   normalize: bool = True):
-    """A built DALI pipeline over `tars` with outputs (images HWC, labels uint8 (14,), ids uint8 (64,)).
-
-    normalize=False returns the processed uint8 image (for preview); otherwise float32 (x - mean) / std.
-    """
+                   device_id: int | None, seed: int, shard_id: int = 0, num_shards: int = 1):
+    """A built DALI pipeline over `tars` with outputs (images uint8 HWC, labels uint8 (14,), ids uint8 (64,))."""
     fn, pipeline_def, types = import_dali()
     gpu = device_id is not None
 
@@ -88,11 +80,6 @@ def build_pipeline(tars: list[str], image_ext: str, cfg: DataConfig, *, batch_si
         images = fn.clahe(images, tiles_x=cfg.clahe_tiles, tiles_y=cfg.clahe_tiles, clip_limit=cfg.clahe_clip_limit)
         if train:
             images = _augment(images, cfg, fn, types)
-        if normalize:
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                              mean=[C.GRAY_MEAN], std=[C.GRAY_STD])
-            if cfg.in_chans == 3:
-                images = fn.cat(images, images, images, axis=2)
         return images, (labels.gpu() if gpu else labels), ids
 
     pipe = cxr_pipeline()
