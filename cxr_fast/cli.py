@@ -174,7 +174,8 @@ _TRAIN_OPTIONS = {
 @click.option("--ema", default=0.0, show_default=True, help="EMA decay of the weights (0: off).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DALI threads or DataLoader workers per rank.")
+@click.option("--workers", type=int, default=None,
+              help="DALI threads or DataLoader workers per rank (default: the cores shared among local ranks).")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True)
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model.")
 @click.option("--seed", default=0, show_default=True)

@@ -44,7 +44,9 @@ class DataConfig:
     clahe_clip_limit: float = constants.CLAHE_CLIP_LIMIT
     clahe_tiles: int = constants.CLAHE_TILES
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_threads: int = 2  # DALI CPU threads, or torch DataLoader workers
+    # DALI CPU threads, or torch DataLoader workers (0: in-process). None: this machine's cores shared among the
+    # ranks on it, since PNG decoding runs on the CPU even in DALI and must keep up with the GPU.
+    num_threads: int | None = None
     shuffle_buffer: int = 512  # DALI's reader shuffles within this many samples (shards are pre-shuffled)
 
 

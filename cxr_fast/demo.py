@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 CPU_RECIPE = {"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 128,
               "optim.batch_size": 16, "optim.accum": 1, "optim.epochs": 8, "optim.lr": 2e-3, "loader": "dali"}
 GPU_RECIPE = {"model.name": "convnext_large", "data.image_size": 512, "optim.batch_size": 4, "optim.accum": 8,
-              "optim.epochs": 3, "optim.lr": 1e-4, "loader": "dali", "data.num_threads": 8}
+              "optim.epochs": 3, "optim.lr": 1e-4, "loader": "dali"}
 
 
 @dataclass(frozen=True)

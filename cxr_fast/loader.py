@@ -11,7 +11,9 @@ ranks (DALI: one reader shard per rank with padding; torch: sample i goes to wor
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,9 @@ def create_loader(backend: str, shards_dir: str | Path, split: str, cfg: DataCon
 
     dali_gpu=False keeps the DALI pipeline on the CPU even when `device` is CUDA (benchmarks); None follows device.
     """
+    if cfg.num_threads is None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cfg = dataclasses.replace(cfg, num_threads=max(1, (os.cpu_count() or 1) // ranks_here))
     manifest = load_manifest(shards_dir)
     tars = split_shards(shards_dir, split, manifest)
     total = manifest["splits"][split]["images"]
