@@ -1,0 +1,20 @@
+import pytest
+
+from cxr_fast.config import RunConfig, dump_yaml, load_yaml, replace
+from cxr_fast.errors import CxrFastError
+
+
+def test_yaml_round_trip_and_partial_files(tmp_path):
+    config = replace(RunConfig(), **{"optim.lr": 3e-4, "data.augment.hflip_prob": 0.5, "model.name": "convnext_atto"})
+    dump_yaml(config, tmp_path / "full.yaml")
+    assert load_yaml(tmp_path / "full.yaml") == config
+    (tmp_path / "part.yaml").write_text("optim:\n  epochs: 3\ndata:\n  augment:\n    scale_range: [0.8, 1.2]\n")
+    partial = load_yaml(tmp_path / "part.yaml")
+    assert partial.optim.epochs == 3 and partial.data.augment.scale_range == (0.8, 1.2)
+    assert partial.optim.lr == RunConfig().optim.lr  # untouched fields keep the defaults
+
+
+def test_unknown_keys_are_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(CxrFastError, match=r"optim: unknown key\(s\) learning_rate"):
+        load_yaml(tmp_path / "bad.yaml")
