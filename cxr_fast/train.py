@@ -199,9 +199,9 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
                              state.step, last_path)
                 return {"stopped": stop.reason, "step": state.step}
             if distributed:
-                mean = torch.tensor([train_loss], dtype=torch.float64)
-                dist.all_reduce(mean.to(device))
-                train_loss = float(mean.item()) / world
+                total = torch.tensor([train_loss], dtype=torch.float64, device=device)
+                dist.all_reduce(total)  # in place: on CUDA a `.to(device)` copy would be reduced and dropped
+                train_loss = float(total.item()) / world
             elapsed = time.perf_counter() - started
             val_loader = create_loader(cfg.loader, shards_dir, "val", cfg.data, batch_size=batch * 2, train=False,
                                        device=device, rank=rank, world_size=world)
