@@ -117,10 +117,25 @@ def _one_thread_per_worker(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-class TorchLoader:
+class _Loader:
+    """What both backends share: the batch count and the last step, uint8 on the device → Batch."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, device: torch.device, normalize: bool, num_samples: int):
+        self.cfg, self.batch_size, self.device = cfg, batch_size, device
+        self.normalize, self.num_samples = normalize, num_samples
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> Batch:
+        images = images_u8.to(self.device, non_blocking=True)
+        images = normalize(images, self.cfg.in_chans) if self.normalize else images
+        return Batch(images, labels.to(self.device, non_blocking=True).float(), keys)
+
+
+class TorchLoader(_Loader):
     def __init__(self, tars, cfg, batch_size, train, device, seed, rank, world_size, normalize, num_samples):
-        self.cfg, self.device, self.normalize = cfg, device, normalize
-        self.num_samples, self.batch_size = num_samples, batch_size
+        super().__init__(cfg, batch_size, device, normalize, num_samples)
         dataset = ShardDataset(tars, cfg, train, seed, rank, world_size)
         workers = cfg.num_threads
         self.loader = torch.utils.data.DataLoader(
@@ -129,27 +144,21 @@ class TorchLoader:
             # Not fork: a process that has run DALI (or CUDA) holds threads whose locks a forked child inherits.
             multiprocessing_context="forkserver" if workers else None)
 
-    def __len__(self):
-        return math.ceil(self.num_samples / self.batch_size)
-
     def __iter__(self):
         for images, labels, keys in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            images = normalize(images, self.cfg.in_chans) if self.normalize else images
-            yield Batch(images, labels.to(self.device, non_blocking=True).float(), list(keys))
+            yield self._batch(images, labels, list(keys))
 
 
-class DaliLoader:
+class DaliLoader(_Loader):
     def __init__(self, tars, image_ext, cfg, batch_size, train, device, seed, rank, world_size, normalize,
                  num_samples, dali_gpu=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from cxr_fast.pipeline import READER_NAME, build_pipeline
 
-        self.device, self.num_samples, self.batch_size = device, num_samples, batch_size
+        super().__init__(cfg, batch_size, device, normalize, num_samples)
         on_gpu = device.type == "cuda" if dali_gpu is None else dali_gpu
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
-        self.cfg, self.normalize = cfg, normalize
         try:
             self.pipe = build_pipeline([str(t) for t in tars], image_ext, cfg, batch_size=batch_size, train=train,
                                        device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size)
@@ -159,17 +168,12 @@ class DaliLoader:
         except RuntimeError as error:
             raise CxrFastError(f"DALI cannot read the shards: {_dali_reason(error)}") from None
 
-    def __len__(self):
-        return math.ceil(self.num_samples / self.batch_size)
-
     def __iter__(self):
         try:
             for (out,) in self.iterator:
                 # HWC batch viewed as NCHW: channels-last strides, no copy.
-                images = out["images"].permute(0, 3, 1, 2).to(self.device, non_blocking=True)
-                images = normalize(images, self.cfg.in_chans) if self.normalize else images
-                yield Batch(images, out["labels"].to(self.device, non_blocking=True).float(),
-                            [decode_id(row) for row in out["ids"].numpy()])
+                yield self._batch(out["images"].permute(0, 3, 1, 2), out["labels"],
+                                  [decode_id(row) for row in out["ids"].numpy()])
         except RuntimeError as error:
             raise CxrFastError(f"DALI failed while reading the shards: {_dali_reason(error)}") from None
 
