@@ -20,7 +20,7 @@ from cxr_fast import constants as C
 from cxr_fast.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
 from cxr_fast.checkpoint import load_checkpoint
 from cxr_fast.config import RunConfig, from_dict
-from cxr_fast.engine import evaluate, resolve_amp
+from cxr_fast.engine import evaluate, resolve_amp, resolve_device
 from cxr_fast.errors import CxrFastError
 from cxr_fast.labels import format_finding_labels
 from cxr_fast.loader import create_loader, load_processed, normalize
@@ -33,12 +33,6 @@ from cxr_fast.shards import load_manifest, sample_table
 log = logging.getLogger(__name__)
 NIH_BOX_SPACE = 1024  # NIH gives box coordinates in the 1024 x 1024 pixel space of its PNGs
 GALLERY_MIN_SIDE = 384
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def select_errors(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, top_k: int) -> dict:
@@ -79,7 +73,7 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
     manifest = load_manifest(shards_dir)
     if split not in manifest["splits"] or not manifest["splits"][split]["images"]:
         raise CxrFastError(f"split {split!r} is missing or empty in {shards_dir}")
-    target = _device(device)
+    target = resolve_device(device)
     model = create_model(cfg.model, cfg.data.in_chans, pretrained=False)
     model.load_state_dict(ckpt["model"])
     model = model.to(target).eval()

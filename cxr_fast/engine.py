@@ -39,6 +39,15 @@ class TrainState:
     history: dict = field(default_factory=lambda: {"loss_sum": 0.0, "loss_count": 0})  # of the current epoch
 
 
+def resolve_device(choice: str, index: int = 0) -> torch.device:
+    """auto | cuda | cpu → a device; asking for CUDA where there is none is an error that says so."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CxrFastError("--device cuda, but no CUDA device is visible")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 where the device supports it, fp16 (with a grad scaler) on older GPUs, off on the CPU."""
     if amp == "off":

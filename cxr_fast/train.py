@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cxr_fast import constants as C
 from cxr_fast.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from cxr_fast.config import RunConfig, dump_yaml, from_dict, to_dict
-from cxr_fast.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch,
+from cxr_fast.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, resolve_device, train_one_epoch,
                              warmup_cosine)
 from cxr_fast.errors import CxrFastError
 from cxr_fast.loader import create_loader
@@ -57,14 +57,11 @@ class _StopFlag:
 def _setup_distributed(device_choice: str) -> tuple[int, int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise CxrFastError("--device cuda, but no CUDA device is visible")
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = resolve_device(device_choice, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, local_rank, device
 
 
