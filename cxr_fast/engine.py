@@ -86,7 +86,7 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
     Returns (mean loss of the epoch's micro-batches so far, whether it stopped early)."""
     model, accum = state.model, state.accum
     model.train()
-    recent, seen, started = [], 0, time.perf_counter()
+    recent, cycle, seen, started = [], [], 0, time.perf_counter()
     skip = state.batch_in_epoch
     if skip == 0:
         state.history = {"loss_sum": 0.0, "loss_count": 0}
@@ -112,11 +112,14 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
                                     f"batch {index + 1}); try a lower --lr or --amp bf16/off")
             state.scaler.scale(loss / accum).backward()
         recent = (recent + [value])[-50:]
-        state.history["loss_sum"] += value
-        state.history["loss_count"] += 1
+        cycle.append(value)
         seen += len(batch.keys)
         if last_of_step:
             _optimizer_step(state)
+            # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
+            state.history["loss_sum"] += sum(cycle)
+            state.history["loss_count"] += len(cycle)
+            cycle = []
             state.batch_in_epoch = index + 1
             progress.update(accum)
             progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")

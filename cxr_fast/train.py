@@ -90,8 +90,7 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
             raise CxrFastError(f"--resume: no {last_path}; start without --resume")
         resumed = load_checkpoint(last_path)
         # The run's identity comes from the checkpoint; only how far to go may change.
-        cfg = from_dict(RunConfig, resumed["config"]) if cfg is None else \
-            from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
+        cfg = from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
     rank, world, _local, device = _setup_distributed(cfg.device)
     distributed, is_main = world > 1, rank == 0
     torch.manual_seed(cfg.seed + rank)
