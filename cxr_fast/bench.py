@@ -122,16 +122,37 @@ def bench_decode(shards_dir, split: str, samples: int = 64) -> dict:
             "bytes_per_image": float(np.mean(sizes)), "machine": machine()}
 
 
-def model_flops_per_image(model: torch.nn.Module, in_chans: int, image_size: int, device: torch.device) -> float:
-    """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter (one image of batch 2)."""
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **_kwargs) -> int:
+    """Each gradient asked for (input, weight) costs what the forward convolution costs. `w_shape` is
+    (C_out, C_in / groups, kh, kw), so this honours groups; torch's own formula counts the weight gradient of a
+    depthwise convolution as a dense one, once per channel (ConvNeXt: about 3x the true training FLOPs)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def training_flops_per_image(model: torch.nn.Module, in_chans: int, image_size: int, device: torch.device) -> dict:
+    """Forward and forward + backward FLOPs of one image (counted on a batch of 2), with the grouped-convolution
+    backward counted right; `torch_counted` is what torch.utils.flop_counter says unpatched, for comparison."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    aten = torch.ops.aten
     x = torch.randn(2, in_chans, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    counts = {}
+    for name, mapping in (("corrected", {aten.convolution_backward: _conv_backward_flop}), ("torch", {})):
+        forward_counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with forward_counter:
+            out = model(x)
+        backward_counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with backward_counter:
+            out.sum().backward()
+        model.zero_grad(set_to_none=True)
+        counts[name] = (forward_counter.get_total_flops() / 2, backward_counter.get_total_flops() / 2)
+    forward, backward = counts["corrected"]
+    return {"forward_flops_per_image": forward, "flops_per_image": forward + backward,
+            "torch_counted_flops_per_image": sum(counts["torch"])}
 
 
 def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, steps: int, warmup: int = 3,
@@ -146,7 +167,7 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(ModelConfig(name=model_name, pretrained=False, channels_last=channels_last),
                          in_chans=in_chans).to(device)
-    flops = model_flops_per_image(model, in_chans, image_size, device)
+    flops = training_flops_per_image(model, in_chans, image_size, device)["flops_per_image"]
     step_model = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp_dtype = resolve_amp(amp, device)
@@ -168,6 +189,8 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
         if step == warmup:
             _sync(device)
             started, wait = time.perf_counter(), 0.0
+        # Data wait: the time next() blocks once the previous step's GPU work is done (not that work itself).
+        _sync(device)
         before = time.perf_counter()
         x, y = next(stream)
         _sync(device)
@@ -181,7 +204,7 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
     _sync(device)
     seconds = time.perf_counter() - started
     rate = steps * batch_size / seconds
-    peak = peak_tflops * 1e12 if peak_tflops else _peak(device)
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
     return {"kind": "train", "model": model_name, "data": data, "images_per_second": rate,
             "data_wait_fraction": wait / seconds, "flops_per_image": flops,
             "mfu": rate * flops / peak if peak else None, "peak_flops": peak, "batch_size": batch_size,
@@ -189,7 +212,8 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
             "in_chans": in_chans, "steps": steps, "device": str(device), "machine": machine()}
 
 
-def _peak(device: torch.device) -> float | None:
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak (FLOP/s) from PEAK_FLOPS, or None where it is not listed."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -141,6 +141,7 @@ class TorchLoader(_Loader):
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None, worker_init_fn=_one_thread_per_worker,
+            persistent_workers=workers > 0,  # a loader iterated again (the next epoch) keeps its workers
             # Not fork: a process that has run DALI (or CUDA) holds threads whose locks a forked child inherits.
             multiprocessing_context="forkserver" if workers else None)
 

@@ -71,7 +71,8 @@ def build_pipeline(tars: list[str], image_ext: str, cfg: DataConfig, *, batch_si
             images = fn.reshape(encoded, shape=outputs[3])
         else:
             # 'mixed' decodes JPEG with nvJPEG on the GPU; PNG still decodes on the host inside the same operator.
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.GRAY)
+            decode = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
+            images = fn.decoders.image(encoded, output_type=types.GRAY, **decode)
         if gpu:
             images = images.gpu()
         # Cubic with antialiasing: within 1 gray level of OpenCV's INTER_AREA after CLAHE (linear is not).
