@@ -1,13 +1,14 @@
-"""Render the markdown tables of RESULTS.md from a result JSON of benchmarks/encodings.py.
+"""Render the markdown tables of RESULTS.md from a result file.
 
-    .venv/bin/python benchmarks/summarize.py benchmarks/results/cpu-2core-encodings.json
+    .venv/bin/python benchmarks/summarize.py benchmarks/results/cpu-2core-encodings.json   # benchmarks/encodings.py
+    .venv/bin/python benchmarks/summarize.py benchmarks/results/gpu-h200-check.jsonl       # tools/gpu_check.sh
 """
 
 import json
 import sys
 
 
-def main(path: str) -> None:
+def encodings(path: str) -> None:
     results = json.loads(open(path).read())
     m = results["machine"]
     print(f"Machine: {m['host']}, {m['cpu_count']} cores ({m['cpu']}), {m.get('gpu', 'no GPU')}; torch {m['torch']}, "
@@ -27,5 +28,52 @@ def main(path: str) -> None:
         print(f"| {row['workers']} | {row['images_per_second']:.1f} |")
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def gpu_check(path: str) -> None:
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    by_step = {}
+    for record in records:
+        by_step.setdefault(record["step"], []).append(record)
+    m = by_step["machine"][0]
+    print(f"Machine: {m['gpu']}, {m['cpu_count']} CPU cores; Python {m['python']}, torch {m['torch']} (CUDA "
+          f"{m['cuda']}, cuDNN {m['cudnn']}), DALI {m['dali']}, OpenCV {m['opencv']}; {m['date']}.\n")
+    for record in records:
+        if "error" in record:
+            print(f"**{record['step']} failed:** {record['error']}\n")
+    print("| fidelity: encoding | pair | images | MAD | p99 | max |\n|---|---|---:|---:|---:|---:|")
+    for r in by_step.get("fidelity", []):
+        print(f"| {r['encoding']} | {r['pair']} | {r['images']} | {r['mad']:.2f} | {r['p99']:.0f} | {r['max']} |")
+    flops = by_step["flops"][0]
+    print(f"\nFLOPs per training image: {flops['flops_per_image'] / 1e12:.3f} T (3 x forward "
+          f"{flops['forward_flops_per_image'] / 1e12:.3f} T); torch.utils.flop_counter unpatched: "
+          f"{flops['torch_counted_flops_per_image'] / 1e12:.3f} T. Peak: {flops['peak_flops'] / 1e12:.0f} TFLOP/s.\n")
+    print("| model: setting | micro-batch x accum | images/s | step ms | peak GiB | MFU |\n|---|---|---:|---:|---:|---:|")
+    for r in by_step.get("model", []) + by_step.get("compile", []):
+        if r.get("oom"):
+            print(f"| {r['label']} | {r['micro_batch']} x {r['accum']} | out of memory | | | |")
+            continue
+        label = "torch.compile, fused AdamW, cudnn.benchmark" if r["step"] == "compile" else r["label"]
+        if r["step"] == "model" and r["label"] != "sweep":
+            label += "".join([", fused AdamW" if r["fused_adamw"] else "",
+                              ", cudnn.benchmark" if r["cudnn_benchmark"] else ""])
+        print(f"| {label} | {r['micro_batch']} x {r['accum']} | {r['images_per_second']:.1f} | {r['step_ms']:.0f} | "
+              f"{r['peak_memory_gib']:.1f} | {_pct(r['mfu'])} |")
+    for r in by_step.get("compile", []):
+        print(f"\ntorch.compile: first step (compilation) {r['compile_seconds']:.0f} s.")
+    print("\n| loader | encoding | hw_decoder_load | images/s | CPU core-ms/image | cores busy | workers |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
+    for r in by_step.get("loader", []):
+        print(f"| {r['backend']} | {r['encoding']} | {r['hw_decoder_load'] or '-'} | {r['images_per_second']:.0f} | "
+              f"{r['cpu_core_ms_per_image']:.2f} | {r['cpu_cores_busy']:.1f} | {r['workers']} |")
+    print("\n| end to end | micro-batch x accum | images/s | data wait | peak GiB |\n|---|---|---:|---:|---:|")
+    for r in by_step.get("e2e", []):
+        rate = r.get("images_per_second") or r.get("train_images_per_second")
+        print(f"| {r['kind']} | {r['micro_batch']} x {r['accum']} | {rate:.1f} | "
+              f"{_pct(r.get('data_wait_fraction'))} | {r['peak_memory_gib']:.1f} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (gpu_check if sys.argv[1].endswith(".jsonl") else encodings)(sys.argv[1])
