@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 from cxr_fast.bench import bench_decode, bench_loader, machine
-from cxr_fast.config import DataConfig
-from cxr_fast.loader import create_loader
-from cxr_fast.shards import ShardSpec, load_manifest, write_shards
+from cxr_fast.config import DataConfig, ShardConfig
+from cxr_fast.data.loader import create_loader
+from cxr_fast.data.reader import load_manifest
+from cxr_fast.data.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+LOADERS = {"dali-gpu": ("dali", False), "dali-cpu": ("dali", True), "torch": ("torch", False)}  # (backend, dali_cpu)
 VARIANTS = [("png", None), ("png", 512), ("jpeg", None), ("jpeg", 512), ("raw", None), ("raw", 512)]
 
 
 def processed(shards: Path) -> dict[str, np.ndarray]:
-    loader = create_loader("torch", shards, "val", DataConfig(image_size=512, num_threads=0), batch_size=16,
+    loader = create_loader("torch", shards, "val", DataConfig(image_size=512, workers=0), batch_size=16,
                            train=False, normalize=False)
     return {k: img[0].numpy().astype(float) for b in loader for k, img in zip(b.keys, b.images)}
 
@@ -52,7 +54,7 @@ def main() -> None:
             out = Path(tmp) / f"{encoding}-{resize or 'src'}"
             started = time.perf_counter()
             write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz", out,
-                         ShardSpec(encoding=encoding, resize=resize, shard_size=100), workers=2)
+                         ShardConfig(encoding=encoding, resize=resize, shard_size=100), workers=2)
             shard_rate = 400 / (time.perf_counter() - started)
             manifest = load_manifest(out)
             tar_bytes = sum((out / name).stat().st_size for name in manifest["shards"])
@@ -64,8 +66,9 @@ def main() -> None:
                                                               for k in reference])),
                    "decode": bench_decode(out, "train"), "loaders": {}}
             for backend in backends:
-                row["loaders"][backend] = bench_loader(out, "train", backend, args.batch_size, args.batches,
-                                                       warmup=3)
+                name, dali_cpu = LOADERS[backend]
+                row["loaders"][backend] = bench_loader(out, "train", name, args.batch_size, args.batches,
+                                                       warmup=3, dali_cpu=dali_cpu)
             print(json.dumps({k: v for k, v in row.items() if k not in ("decode", "loaders")}),
                   {b: round(r["images_per_second"], 1) for b, r in row["loaders"].items()}, flush=True)
             results["variants"].append(row)
@@ -73,7 +76,7 @@ def main() -> None:
             out = Path(tmp) / f"shard-{workers}"
             started = time.perf_counter()
             write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz", out,
-                         ShardSpec(shard_size=50), workers=workers)
+                         ShardConfig(shard_size=50), workers=workers)
             results["sharding"].append({"workers": workers, "encoding": "png",
                                         "images_per_second": 400 / (time.perf_counter() - started)})
             print(results["sharding"][-1], flush=True)

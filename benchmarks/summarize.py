@@ -50,7 +50,8 @@ def gpu_check(path: str) -> None:
     print(f"\nFLOPs per training image: {flops['flops_per_image'] / 1e12:.3f} T (3 x forward "
           f"{flops['forward_flops_per_image'] / 1e12:.3f} T); torch.utils.flop_counter unpatched: "
           f"{flops['torch_counted_flops_per_image'] / 1e12:.3f} T. Peak: {flops['peak_flops'] / 1e12:.0f} TFLOP/s.\n")
-    print("| model: setting | micro-batch x accum | images/s | step ms | peak GiB | MFU |\n|---|---|---:|---:|---:|---:|")
+    print("| model: setting | micro-batch x accum | images/s | step ms | peak GiB | MFU |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in by_step.get("model", []) + by_step.get("compile", []):
         if r.get("oom"):
             print(f"| {r['label']} | {r['micro_batch']} x {r['accum']} | out of memory | | | |")

@@ -1,3 +1,27 @@
-"""cxr_fast: a fast, honest training and evaluation pipeline for the 14 NIH ChestX-ray14 findings."""
+"""cxr_fast: a fast, honest training and evaluation pipeline for the 14 NIH ChestX-ray14 findings.
 
-__version__ = "0.1.0"
+The public builders, as timm offers them:
+
+    from cxr_fast import DataConfig, RunConfig, create_loader, create_model, load_model
+
+They are imported on first use, so `import cxr_fast` (and the CLI's --help) stays quick.
+"""
+
+__version__ = "0.2.0"
+
+_PUBLIC = {
+    "DataConfig": "cxr_fast.config",
+    "RunConfig": "cxr_fast.config",
+    "create_loader": "cxr_fast.data.loader",
+    "create_model": "cxr_fast.training.model",
+    "load_model": "cxr_fast.training.checkpoint",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'cxr_fast' has no attribute {name!r}")

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from cxr_fast.config import DataConfig, ModelConfig
+from cxr_fast.data.codec import decode_image
+from cxr_fast.data.loader import create_loader, resolve_backend
+from cxr_fast.data.reader import iter_samples, load_manifest, split_shards
 from cxr_fast.errors import CxrFastError
-from cxr_fast.loader import create_loader
-from cxr_fast.shards import decode_image, iter_samples, load_manifest, split_shards
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; others via --peak-tflops.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -38,7 +39,7 @@ def machine() -> dict:
     return info
 
 
-def _cpu_busy_seconds() -> float:
+def cpu_busy_seconds() -> float:
     """Busy CPU time of the whole machine (all cores), from /proc/stat, in seconds."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
@@ -51,47 +52,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches_forever(make_loader):
+def batches_forever(loader):
+    """The batches of one loader object, epoch after epoch (DALI's iterator resets, DataLoader workers persist)."""
     while True:
         produced = False
-        for batch in make_loader():
+        for batch in loader:
             produced = True
             yield batch
         if not produced:
             raise CxrFastError("the loader produced no batch")
 
 
-def bench_loader(shards_dir, split: str, backend: str, batch_size: int, batches: int, warmup: int = 5,
-                 image_size: int = 512, workers: int | None = None, augment: bool = True) -> dict:
-    """Images/s of a loader doing the full work (decode → resize → CLAHE → augment → normalised channels-last
-    batches on the target device), and how many cores it kept busy."""
-    if backend not in ("dali-gpu", "dali-cpu", "torch"):
-        raise CxrFastError(f"unknown loader {backend!r}: dali-gpu, dali-cpu or torch")
-    if backend == "dali-gpu" and not torch.cuda.is_available():
-        raise CxrFastError("dali-gpu needs a CUDA device; use dali-cpu or torch here")
+def bench_loader(shards_dir, split: str = "train", backend: str = "auto", batch_size: int = 32, batches: int = 50,
+                 warmup: int = 10, image_size: int = 512, workers: int | None = None, augment: bool = True,
+                 dali_cpu: bool = False) -> dict:
+    """Steady-state images/s of one loader doing the full work (decode → resize → CLAHE → augment → normalised
+    channels-last batches on the target device) and the CPU time it costs per image (all cores of the machine).
+
+    One loader object serves every epoch; its build and the first `warmup` batches (prefetch fill) are outside
+    the timed window."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = resolve_backend(backend, device)
     workers = workers or os.cpu_count()
-    cfg = DataConfig(image_size=image_size, num_threads=workers)
-
-    def make_loader():
-        return create_loader("torch" if backend == "torch" else "dali", shards_dir, split, cfg,
-                             batch_size=batch_size, train=augment, device=device,
-                             dali_gpu=backend == "dali-gpu" if backend != "torch" else None)
-
-    stream = _batches_forever(make_loader)
+    cfg = DataConfig(image_size=image_size, workers=workers)
+    started = time.perf_counter()
+    loader = create_loader(resolved, shards_dir, split, cfg, batch_size=batch_size, train=augment, device=device,
+                           dali_cpu=dali_cpu)
+    stream = batches_forever(loader)
     for _ in range(warmup):
         next(stream)
     _sync(device)
-    busy, started = _cpu_busy_seconds(), time.perf_counter()
+    build_seconds = time.perf_counter() - started
+    busy, started = cpu_busy_seconds(), time.perf_counter()
     images = 0
     for _ in range(batches):
         images += len(next(stream).keys)
     _sync(device)
     seconds = time.perf_counter() - started
+    cpu_seconds = cpu_busy_seconds() - busy
     manifest = load_manifest(shards_dir)
-    return {"kind": "loader", "backend": backend, "images_per_second": images / seconds, "images": images,
-            "seconds": seconds, "batch_size": batch_size, "workers": workers, "image_size": image_size,
-            "augment": augment, "cpu_cores_busy": (_cpu_busy_seconds() - busy) / seconds, "split": split,
+    on = "cpu" if resolved == "torch" or dali_cpu or device.type != "cuda" else "gpu"
+    return {"kind": "loader", "backend": backend, "resolved": f"{resolved}-{on}" if resolved == "dali" else resolved,
+            "images_per_second": images / seconds, "cpu_core_ms_per_image": 1000 * cpu_seconds / images,
+            "cpu_cores_busy": cpu_seconds / seconds, "images": images, "seconds": seconds,
+            "build_and_warmup_seconds": build_seconds, "batch_size": batch_size, "workers": workers,
+            "image_size": image_size, "augment": augment, "split": split, "split_images": loader.batches,
             "encoding": manifest["config"]["encoding"], "stored_size": manifest["config"]["resize"],
             "device": str(device), "machine": machine()}
 
@@ -160,9 +165,9 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
                 data: str = "synthetic", workers: int | None = None, peak_tflops: float | None = None) -> dict:
     """Training images/s, with synthetic on-device inputs (the compute ceiling) or a real loader; the share of step
     time spent waiting for data; MFU from counted FLOPs against the device's peak."""
-    from cxr_fast.engine import autocast, resolve_amp
-    from cxr_fast.losses import FocalLoss
-    from cxr_fast.model import create_model
+    from cxr_fast.training.engine import autocast, resolve_amp
+    from cxr_fast.training.losses import FocalLoss
+    from cxr_fast.training.model import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(ModelConfig(name=model_name, pretrained=False, channels_last=channels_last),
@@ -179,9 +184,9 @@ def bench_train(shards_dir, model_name: str, image_size: int, batch_size: int, s
         y = (torch.rand(batch_size, 14, device=device) > 0.9).float()
         stream = iter(lambda: (x, y), None)
     else:
-        cfg = DataConfig(image_size=image_size, in_chans=in_chans, num_threads=workers or os.cpu_count())
-        batches = _batches_forever(lambda: create_loader(data, shards_dir, "train", cfg, batch_size=batch_size,
-                                                         train=True, device=device))
+        cfg = DataConfig(image_size=image_size, in_chans=in_chans, workers=workers or os.cpu_count())
+        batches = batches_forever(create_loader(data, shards_dir, "train", cfg, batch_size=batch_size, train=True,
+                                                device=device))
         stream = ((b.images.contiguous(memory_format=layout), b.targets) for b in batches)
 
     wait = 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cxr_fast.config import RunConfig, replace
+from cxr_fast.config import RunConfig, ShardConfig, SynthConfig, replace
 from cxr_fast.errors import CxrFastError
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,19 @@ class DemoSpec:
     images: Path | None = None
     labels: Path | None = None
     n_images: int = 800
-    synth_size: int = 512
+    source_size: int = 512
     epochs: int | None = None
     seed: int = 0
 
 
 def run_demo(spec: DemoSpec) -> dict[str, Path]:
-    from cxr_fast.analyze import run_analysis
     from cxr_fast.bench import bench_loader, write_json
-    from cxr_fast.labels import read_label_table
-    from cxr_fast.report import write_eda_report
-    from cxr_fast.shards import ShardSpec, write_shards
-    from cxr_fast.synth import SynthSpec, write_synthetic_dataset
-    from cxr_fast.train import run_training
+    from cxr_fast.data.eda import write_eda_report
+    from cxr_fast.data.labels import read_label_table
+    from cxr_fast.data.synth import write_synthetic_dataset
+    from cxr_fast.data.writer import write_shards
+    from cxr_fast.evaluation.analyze import run_analysis
+    from cxr_fast.training.run import run_training
 
     out = spec.out
     if (spec.images is None) != (spec.labels is None):
@@ -49,14 +49,14 @@ def run_demo(spec: DemoSpec) -> dict[str, Path]:
     steps = 6
     if spec.images is None:
         log.info("[1/%d] synthetic NIH-format data: %d images", steps, spec.n_images)
-        labels = write_synthetic_dataset(out / "data", SynthSpec(n_images=spec.n_images, image_size=spec.synth_size,
-                                                                 seed=spec.seed))
+        labels = write_synthetic_dataset(out / "data", SynthConfig(n_images=spec.n_images,
+                                                                   source_size=spec.source_size, seed=spec.seed))
         images = labels.parent
     else:
         log.info("[1/%d] real data: %s", steps, spec.images)
         images, labels = spec.images, spec.labels
     log.info("[2/%d] shards (patient-level split)", steps)
-    write_shards(images, labels, out / "shards", ShardSpec(val_fraction=0.15, shard_size=250, seed=spec.seed),
+    write_shards(images, labels, out / "shards", ShardConfig(val_fraction=0.15, shard_size=250, seed=spec.seed),
                  workers=2)
     log.info("[3/%d] EDA of the label table", steps)
     write_eda_report(read_label_table(labels), out / "eda", str(labels))
@@ -81,8 +81,8 @@ def run_demo(spec: DemoSpec) -> dict[str, Path]:
     run_analysis(out / "run/checkpoints/best.pt", out / "shards", out / "analysis", split="test", top_k=2,
                  bbox=boxes if boxes.exists() else None, n_boot=200)
     log.info("[6/%d] loader benchmark", steps)
-    write_json(bench_loader(out / "shards", "train", "dali-gpu" if gpu else "dali-cpu", batch_size=16, batches=10,
-                            warmup=2, image_size=config.data.image_size), out / "bench-loader.json")
+    write_json(bench_loader(out / "shards", "train", config.loader, batch_size=16, batches=10, warmup=2,
+                            image_size=config.data.image_size), out / "bench-loader.json")
     return {"data": Path(images), "labels": Path(labels), "shards": out / "shards",
             "manifest": out / "shards/manifest.json",
             "eda": out / "eda/report.md", "checkpoint": out / "run/checkpoints/best.pt",

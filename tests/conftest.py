@@ -21,20 +21,22 @@ needs_real_data = pytest.mark.skipif(not REAL_IMAGES.is_dir(), reason="../shared
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from cxr_fast.synth import SynthSpec, write_synthetic_dataset
+    from cxr_fast.config import SynthConfig
+    from cxr_fast.data.synth import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(out, SynthSpec(n_images=96, image_size=256, seed=3), workers=2)
+    write_synthetic_dataset(out, SynthConfig(n_images=96, source_size=256, seed=3), workers=2)
     return out
 
 
 @pytest.fixture(scope="session")
 def synth_shards(synth_dir, tmp_path_factory) -> Path:
-    from cxr_fast.shards import ShardSpec, write_shards
+    from cxr_fast.config import ShardConfig
+    from cxr_fast.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("synth_shards")
     write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv", out,
-                 ShardSpec(shard_size=16, val_fraction=0.25), workers=2)
+                 ShardConfig(shard_size=16, val_fraction=0.25), workers=2)
     return out
 
 
@@ -42,10 +44,11 @@ def synth_shards(synth_dir, tmp_path_factory) -> Path:
 def real_shards(tmp_path_factory) -> Path:
     if not REAL_IMAGES.is_dir():
         pytest.skip("../shared/data (real NIH sample) not present")
-    from cxr_fast.shards import ShardSpec, write_shards
+    from cxr_fast.config import ShardConfig
+    from cxr_fast.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("real_shards")
-    write_shards(REAL_IMAGES, REAL_TABLE, out, ShardSpec(shard_size=50), workers=2)
+    write_shards(REAL_IMAGES, REAL_TABLE, out, ShardConfig(shard_size=50), workers=2)
     return out
 
 
@@ -53,7 +56,7 @@ def real_shards(tmp_path_factory) -> Path:
 def tiny_run(synth_shards, tmp_path_factory) -> Path:
     """A one-epoch convnext_atto run on the synthetic shards (its checkpoints feed the analysis tests)."""
     from cxr_fast.config import RunConfig, replace
-    from cxr_fast.train import run_training
+    from cxr_fast.training.run import run_training
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = replace(RunConfig(), **{"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64,

@@ -8,7 +8,7 @@ from torch import nn
 
 from cxr_fast.bench import training_flops_per_image
 from cxr_fast.config import ModelConfig
-from cxr_fast.model import create_model
+from cxr_fast.training.model import create_model
 
 
 def test_depthwise_backward_costs_twice_its_forward():

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -33,13 +32,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_fast import constants as C  # noqa: E402
-from cxr_fast.bench import _cpu_busy_seconds, machine, peak_flops, training_flops_per_image  # noqa: E402
-from cxr_fast.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, replace  # noqa: E402
-from cxr_fast.loader import create_loader, process_gray  # noqa: E402
-from cxr_fast.losses import FocalLoss  # noqa: E402
-from cxr_fast.model import create_model  # noqa: E402
-from cxr_fast.shards import ShardSpec, decode_image, iter_samples, split_shards, write_shards  # noqa: E402
-from cxr_fast.synth import SynthSpec, write_synthetic_dataset  # noqa: E402
+from cxr_fast.bench import (batches_forever, cpu_busy_seconds, machine, peak_flops,  # noqa: E402
+                            training_flops_per_image)
+from cxr_fast.config import (AugmentConfig, DataConfig, ModelConfig, RunConfig, ShardConfig, SynthConfig,  # noqa: E402
+                             replace)
+from cxr_fast.data.codec import decode_image  # noqa: E402
+from cxr_fast.data.loader import create_loader  # noqa: E402
+from cxr_fast.data.reader import iter_samples, split_shards  # noqa: E402
+from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
+from cxr_fast.data.transforms import process_gray  # noqa: E402
+from cxr_fast.data.writer import write_shards  # noqa: E402
+from cxr_fast.training.losses import FocalLoss  # noqa: E402
+from cxr_fast.training.model import create_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -82,12 +86,12 @@ def _peak_gib() -> float | None:
 # ------------------------------------------------------------------------------------------------------------ data
 def make_data(work: Path, n_images: int, source_size: int, workers: int, record: Recorder) -> dict[str, Path]:
     started = time.perf_counter()
-    table = write_synthetic_dataset(work / "synth", SynthSpec(n_images=n_images, image_size=source_size),
+    table = write_synthetic_dataset(work / "synth", SynthConfig(n_images=n_images, source_size=source_size),
                                     workers=workers)
     shards = {}
     for encoding in ("png", "jpeg"):
         shards[encoding] = work / f"shards-{encoding}"
-        write_shards(work / "synth", table, shards[encoding], ShardSpec(encoding=encoding, shard_size=256), workers)
+        write_shards(work / "synth", table, shards[encoding], ShardConfig(encoding=encoding, shard_size=256), workers)
     record("data", images=n_images, source_size=source_size, seconds=time.perf_counter() - started,
            shards={k: str(v) for k, v in shards.items()})
     return shards
@@ -96,7 +100,7 @@ def make_data(work: Path, n_images: int, source_size: int, workers: int, record:
 # -------------------------------------------------------------------------------------------------------- fidelity
 def fidelity(shards: dict[str, Path], image_size: int, n: int, record: Recorder) -> None:
     """Mean absolute difference (gray levels, 0-255) after CLAHE, augmentation off, on the first n test images."""
-    cfg = DataConfig(image_size=image_size, augment=NO_AUGMENT, num_threads=4)
+    cfg = DataConfig(image_size=image_size, augment=NO_AUGMENT, workers=4)
     for encoding, shards_dir in shards.items():
         reference = {}
         for tar in split_shards(shards_dir, "test"):
@@ -104,10 +108,10 @@ def fidelity(shards: dict[str, Path], image_size: int, n: int, record: Recorder)
                 if len(reference) < n:
                     reference[key] = process_gray(decode_image(sample), cfg)
         outputs = {"opencv": reference}
-        variants = [("dali_cpu", False)] + ([("dali_gpu", True)] if CUDA else [])
-        for name, on_gpu in variants:
+        variants = [("dali_cpu", True)] + ([("dali_gpu", False)] if CUDA else [])
+        for name, dali_cpu in variants:
             loader = create_loader("dali", shards_dir, "test", cfg, batch_size=n, train=False, device=DEVICE,
-                                   normalize=False, dali_gpu=on_gpu)
+                                   normalize=False, dali_cpu=dali_cpu)
             batch = next(iter(loader))
             outputs[name] = {k: img[0].cpu().numpy() for k, img in zip(batch.keys, batch.images) if k in reference}
             del loader
@@ -127,7 +131,7 @@ def timed_steps(model, optimizer, x, y, accum: int, steps: int, warmup: int, syn
     sync_each: read the loss on the host every micro-batch (the trainer's finiteness check)."""
     loss_fn = FocalLoss(2.0)
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
-    started = None
+    started = last = None
     step_times = []
     for step in range(warmup + steps):
         if step >= warmup - 1:
@@ -175,8 +179,11 @@ def model_sweep(model_name: str, image_size: int, micro_batches: list[int], step
         try:
             result = timed_steps(model, optimizer, x, y, accum, steps, warmup=3, sync_each=sync_each)
         except torch.OutOfMemoryError:
-            del optimizer, x, y
+            result = None
+        finally:
             model.zero_grad(set_to_none=True)
+        if result is None:
+            optimizer = x = y = None
             _free()
             record("model", label=label, micro_batch=mb, accum=accum, oom=True)
             return None
@@ -185,8 +192,6 @@ def model_sweep(model_name: str, image_size: int, micro_batches: list[int], step
                "fused_adamw": fused, "cudnn_benchmark": benchmark, "sync_per_micro_batch": sync_each, **result,
                "peak_memory_gib": _peak_gib(), "mfu": rate * per_image / peak if peak else None}
         record("model", **row)
-        del optimizer, x, y
-        model.zero_grad(set_to_none=True)
         return row
 
     best, best_rate = micro_batches[0], 0.0
@@ -200,43 +205,37 @@ def model_sweep(model_name: str, image_size: int, micro_batches: list[int], step
     measure("host sync per micro-batch", small, max(1, 32 // small), sync_each=True)
     for fused, benchmark in ((True, False), (False, True), (True, True)):
         measure("options", best, max(1, 32 // best), fused=fused, benchmark=benchmark)
-    del model
-    _free()
     return best
 
 
 # ---------------------------------------------------------------------------------------------------------- loader
 def loader_rate(shards_dir: Path, backend: str, cfg: DataConfig, batch_size: int, seconds: float,
-                dali_gpu: bool | None = None) -> dict:
+                dali_cpu: bool = False) -> dict:
     """Steady state: one loader object across epochs; build and the first epoch's fill are outside the window."""
     started = time.perf_counter()
     loader = create_loader(backend, shards_dir, "train", cfg, batch_size=batch_size, train=True, device=DEVICE,
-                           dali_gpu=dali_gpu)
+                           dali_cpu=dali_cpu)
     build = time.perf_counter() - started
 
-    def forever():
-        while True:
-            yield from loader
-
-    stream = forever()
+    stream = batches_forever(loader)
     for _ in range(min(len(loader), 8)):
         next(stream)
     _sync()
-    busy, started, images = _cpu_busy_seconds(), time.perf_counter(), 0
+    busy, started, images = cpu_busy_seconds(), time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
         images += len(next(stream).keys)
     _sync()
     elapsed = time.perf_counter() - started
-    cores = (_cpu_busy_seconds() - busy)
-    epoch_images = loader.num_samples
+    cores = (cpu_busy_seconds() - busy)
+    epoch_batches = len(loader)
     del stream, loader
     return {"images_per_second": images / elapsed, "cpu_core_ms_per_image": 1000 * cores / images,
             "cpu_cores_busy": cores / elapsed, "images": images, "seconds": elapsed, "build_seconds": build,
-            "epoch_images": epoch_images}
+            "epoch_batches": epoch_batches}
 
 
 def loaders(shards: dict[str, Path], image_size: int, workers: int, seconds: float, record: Recorder) -> None:
-    cfg = DataConfig(image_size=image_size, num_threads=workers)
+    cfg = DataConfig(image_size=image_size, workers=workers)
     runs = []
     if CUDA:
         runs += [("dali-gpu", "png", cfg), ("dali-gpu", "jpeg", cfg),
@@ -246,7 +245,7 @@ def loaders(shards: dict[str, Path], image_size: int, workers: int, seconds: flo
     runs += [("torch", "png", cfg), ("torch", "jpeg", cfg)]
     for backend, encoding, run_cfg in runs:
         result = loader_rate(shards[encoding], "torch" if backend == "torch" else "dali", run_cfg, 32, seconds,
-                             dali_gpu=None if backend == "torch" else backend == "dali-gpu")
+                             dali_cpu=backend == "dali-cpu")
         record("loader", backend=backend, encoding=encoding, workers=workers, batch_size=32, image_size=image_size,
                augment=True, hw_decoder_load=run_cfg.hw_decoder_load if backend == "dali-gpu" else None,
                cpu_count=os.cpu_count(), **result)
@@ -260,14 +259,10 @@ def fed_trainer(shards_dir: Path, model_name: str, image_size: int, mb: int, acc
     model = create_model(ModelConfig(name=model_name, pretrained=False), in_chans=1).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = FocalLoss(2.0)
-    cfg = DataConfig(image_size=image_size, num_threads=workers)
+    cfg = DataConfig(image_size=image_size, workers=workers)
     loader = create_loader("dali", shards_dir, "train", cfg, batch_size=mb, train=True, device=DEVICE)
 
-    def forever():
-        while True:
-            yield from loader
-
-    stream = forever()
+    stream = batches_forever(loader)
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
     warmup, wait, images = 2, 0.0, 0
     for step in range(warmup + optimizer_steps):
@@ -299,7 +294,7 @@ def fed_trainer(shards_dir: Path, model_name: str, image_size: int, mb: int, acc
 def train_epoch(shards_dir: Path, work: Path, model_name: str, image_size: int, mb: int, accum: int, workers: int,
                 record: Recorder) -> None:
     """`cxr-fast train` (run_training) for one epoch with the DALI loader: images/s as metrics.jsonl records it."""
-    from cxr_fast.train import run_training
+    from cxr_fast.training.run import run_training
 
     _free()
     cfg = RunConfig()

@@ -13,7 +13,7 @@ import pandas as pd
 
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import multi_hot
+from cxr_fast.data.labels import multi_hot
 
 
 def carve_by_patient(

@@ -13,8 +13,8 @@ from conftest import needs_real_data
 from cxr_fast.cli import cli
 from cxr_fast.config import DataConfig
 from cxr_fast.errors import CxrFastError
-from cxr_fast.loader import create_loader
-from cxr_fast.shards import iter_samples, load_manifest, split_shards
+from cxr_fast.data.loader import create_loader, rank_range
+from cxr_fast.data.reader import iter_samples, load_manifest, split_shards
 
 BACKENDS = ["dali", "torch"]
 SMALL = DataConfig(image_size=128)
@@ -112,17 +112,28 @@ def test_augmentation_changes_images_but_not_eval(synth_shards, backend):
     assert np.mean(changed) > 0.5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_see_every_eval_sample_exactly_once(synth_shards, backend):
-    total = load_manifest(synth_shards)["splits"]["test"]["images"]
+# (split, batch size, ranks, train): batch sizes that do not divide the per-rank counts, ranks with unequal shares.
+EXACTNESS_CASES = [("train", 5, 2, True), ("train", 8, 3, False), ("val", 4, 2, True), ("test", 3, 3, True),
+                   ("test", 7, 1, False), ("val", 64, 2, False)]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
+@pytest.mark.parametrize("backend, workers", [("dali", 2), ("torch", 0), ("torch", 3)])
+@pytest.mark.parametrize("split, batch_size, ranks, train", EXACTNESS_CASES)
+def test_every_sample_exactly_once_and_len_is_exact(synth_shards, backend, workers, split, batch_size, ranks, train):
+    expected = sorted(_labels_from_json(synth_shards, split))
+    cfg = DataConfig(image_size=32, workers=workers)
     seen = []
-    for rank in range(2):
-        loader = create_loader(backend, synth_shards, "test", SMALL, batch_size=4, train=False, rank=rank,
-                               world_size=2)
-        keys = [key for batch in loader for key in batch.keys]
-        assert len(keys) == loader.num_samples
-        seen += keys
-    assert len(seen) == total and len(set(seen)) == total
+    for rank in range(ranks):
+        loader = create_loader(backend, synth_shards, split, cfg, batch_size=batch_size, train=train, rank=rank,
+                               world_size=ranks)
+        batches = [batch.keys for batch in loader]
+        assert len(batches) == len(loader), f"rank {rank}: {len(batches)} batches, len() says {len(loader)}"
+        assert all(len(keys) == batch_size for keys in batches[:-1]) and 0 < len(batches[-1]) <= batch_size
+        lo, hi = rank_range(len(expected), rank, ranks)
+        assert sum(map(len, batches)) == hi - lo
+        seen += [key for keys in batches for key in keys]
+    assert sorted(seen) == expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +147,7 @@ def test_damaged_shard_error_names_the_shard(synth_shards, tmp_path, backend):
 
 
 def test_missing_dali_gives_an_install_hint(monkeypatch):
-    from cxr_fast.pipeline import import_dali
+    from cxr_fast.data.dali import import_dali
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(CxrFastError, match="pip install nvidia-dali-cuda120"):

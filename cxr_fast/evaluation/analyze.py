@@ -1,11 +1,14 @@
-"""`cxr-fast analyze`: one pass over a split with a checkpoint → predictions → metrics → Grad-CAM++ galleries of the
-worst errors → localisation against NIH boxes → report.md.
+"""`cxr-fast analyze`: one pass over a split with a trained model → predictions → metrics → Grad-CAM++ galleries of
+the worst errors → localisation against NIH boxes → report.md.
 
-Thresholds are the checkpoint's, chosen on validation when it was saved, and never on the split reported here.
+Thresholds are the checkpoint's, chosen on validation when it was saved, and never on the split reported here. Since
+they are known before scoring, the most confident errors are collected while the split is scored, with the very
+images the model scored: the maps are drawn on those, and nothing is read twice.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import time
@@ -17,38 +20,71 @@ import pandas as pd
 import torch
 
 from cxr_fast import constants as C
-from cxr_fast.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
-from cxr_fast.checkpoint import load_checkpoint
-from cxr_fast.config import RunConfig, from_dict
-from cxr_fast.engine import evaluate, resolve_amp, resolve_device
+from cxr_fast.data.labels import format_finding_labels
+from cxr_fast.data.loader import create_loader, resolve_backend
+from cxr_fast.data.reader import load_manifest, sample_table
+from cxr_fast.data.transforms import normalize
 from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import format_finding_labels
-from cxr_fast.loader import create_loader, load_processed, normalize
-from cxr_fast.losses import FocalLoss
+from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
+from cxr_fast.evaluation.report import plot_curves, write_analysis_report
 from cxr_fast.metrics import per_class_report
-from cxr_fast.model import create_model
-from cxr_fast.report import plot_curves, write_analysis_report
-from cxr_fast.shards import load_manifest, sample_table
+from cxr_fast.training.checkpoint import load_model
+from cxr_fast.training.engine import evaluate, resolve_amp, resolve_device
+from cxr_fast.training.losses import FocalLoss
 
 log = logging.getLogger(__name__)
 NIH_BOX_SPACE = 1024  # NIH gives box coordinates in the 1024 x 1024 pixel space of its PNGs
 GALLERY_MIN_SIDE = 384
 
 
-def select_errors(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, top_k: int) -> dict:
-    """Per class, the top-k most confident false positives and false negatives: [(row, probability), ...]."""
-    errors = {"fp": {}, "fn": {}}
-    for c, name in enumerate(C.CLASS_NAMES):
-        positive, predicted = targets[:, c] > 0.5, probs[:, c] >= thresholds[c]
-        fp = np.flatnonzero(predicted & ~positive)
-        fn = np.flatnonzero(~predicted & positive)
-        errors["fp"][name] = [(int(i), float(probs[i, c])) for i in fp[np.argsort(-probs[fp, c])][:top_k]]
-        errors["fn"][name] = [(int(i), float(probs[i, c])) for i in fn[np.argsort(probs[fn, c])][:top_k]]
-    return errors
+class ErrorCollector:
+    """While a split is scored: per class, the top-k most confident false positives (highest probability) and
+    false negatives (lowest), and the images of boxed keys, kept as the uint8 images the model saw."""
+
+    def __init__(self, thresholds: np.ndarray, top_k: int, box_keys: set[str]):
+        self.thresholds, self.top_k, self.box_keys = thresholds, top_k, box_keys
+        self.heaps = {kind: {name: [] for name in C.CLASS_NAMES} for kind in ("fp", "fn")}
+        self.images: dict[str, np.ndarray] = {}
+
+    def __call__(self, batch, probs: torch.Tensor) -> None:
+        probs, targets = probs.cpu().numpy(), batch.targets.cpu().numpy() > 0.5
+        wanted = set()
+        for row, key in enumerate(batch.keys):
+            for c, name in enumerate(C.CLASS_NAMES):
+                predicted, p = probs[row, c] >= self.thresholds[c], float(probs[row, c])
+                if predicted != targets[row, c]:
+                    kind, score = ("fp", p) if predicted else ("fn", -p)  # heap keeps the k largest scores
+                    heap = self.heaps[kind][name]
+                    item = (score, key, p)
+                    if len(heap) < self.top_k:
+                        heapq.heappush(heap, item)
+                        wanted.add(row)
+                    elif self.top_k and item > heap[0]:
+                        heapq.heapreplace(heap, item)
+                        wanted.add(row)
+            if key in self.box_keys:
+                wanted.add(row)
+        for row in wanted:
+            self.images[batch.keys[row]] = _to_uint8(batch.images[row])
+
+    def errors(self) -> dict:
+        """{fp|fn: {class: [(key, probability), ...]}}, most confident first; prunes images no longer needed."""
+        chosen = {kind: {name: [(key, p) for _score, key, p in sorted(heap, reverse=True)]
+                         for name, heap in per_class.items()} for kind, per_class in self.heaps.items()}
+        keep = {key for per_class in chosen.values() for rows in per_class.values() for key, _ in rows}
+        self.images = {k: v for k, v in self.images.items() if k in keep or k in self.box_keys}
+        return chosen
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """The gray uint8 image back from a normalised model input (exact: normalisation is affine on integers)."""
+    gray = image[0].float() * C.GRAY_STD + C.GRAY_MEAN
+    return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
-    """NIH BBox_List_2017.csv → columns image, finding, x, y, w, h (1024-pixel space)."""
+    """NIH BBox_List_2017.csv → columns image, finding, x, y, w, h (1024-pixel space), checked: numeric, positive
+    sizes, known findings."""
     try:
         raw = pd.read_csv(path)
     except (OSError, ValueError) as error:
@@ -57,34 +93,40 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
         raise CxrFastError(f"{path}: expected NIH's BBox_List_2017.csv (image, finding, x, y, w, h)")
     boxes = raw.iloc[:, :6].copy()
     boxes.columns = ["image", "finding", "x", "y", "w", "h"]
-    boxes["finding"] = boxes["finding"].replace({"Infiltrate": "Infiltration"})  # the box list's spelling
+    for column in ("x", "y", "w", "h"):
+        values = pd.to_numeric(boxes[column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values) | ((values <= 0) if column in ("w", "h") else (values < 0))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CxrFastError(f"{path}: row {row + 2} has an invalid box {column} ({boxes[column].iloc[row]!r}); "
+                               "x, y must be numbers >= 0 and w, h > 0")
+        boxes[column] = values
+    boxes["image"] = boxes["image"].astype(str).str.strip()
+    boxes["finding"] = boxes["finding"].astype(str).str.strip().replace({"Infiltrate": "Infiltration"})
     return boxes[boxes["finding"].isin(C.CLASS_NAMES)]
 
 
 def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path, split: str = "test",
-                 device: str = "auto", backend: str = "dali", top_k: int = 3, bbox: str | Path | None = None,
+                 device: str = "auto", backend: str = "auto", top_k: int = 3, bbox: str | Path | None = None,
                  batch_size: int = 16, n_boot: int = 500) -> dict:
     out = Path(out)
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("thresholds") is None:
-        raise CxrFastError(f"{checkpoint} has no validation thresholds (saved before the first validation); "
-                           "use best.pt or a last.pt written at an epoch end")
-    cfg = from_dict(RunConfig, ckpt["config"])
+    target = resolve_device(device)
     manifest = load_manifest(shards_dir)
     if split not in manifest["splits"] or not manifest["splits"][split]["images"]:
         raise CxrFastError(f"split {split!r} is missing or empty in {shards_dir}")
-    target = resolve_device(device)
-    model = create_model(cfg.model, cfg.data.in_chans, pretrained=False)
-    model.load_state_dict(ckpt["model"])
-    model = model.to(target).eval()
-    thresholds = np.asarray(ckpt["thresholds"], dtype=np.float64)
+    boxes = read_boxes(bbox) if bbox else None  # checked before the work starts
+    model, info = load_model(checkpoint, target)
+    cfg = info.config
+    samples = sample_table(manifest, split)
+    boxed = set(boxes["image"]) if boxes is not None else set()
+    collector = ErrorCollector(info.thresholds, top_k, {k for k, (name, _) in samples.items() if name in boxed})
 
     loader = create_loader(backend, shards_dir, split, cfg.data, batch_size=batch_size, train=False, device=target)
     started = time.perf_counter()
-    result = evaluate(model, loader, FocalLoss(cfg.optim.focal_gamma), target, resolve_amp(cfg.amp, target))
+    result = evaluate(model, loader, FocalLoss(cfg.optim.focal_gamma), target, resolve_amp(cfg.amp, target),
+                      on_batch=collector)
     seconds = time.perf_counter() - started
     keys, probs, targets = result["keys"], result["probs"], result["targets"]
-    samples = sample_table(manifest, split)
     image_index = [samples[k][0] for k in keys]
     patients = np.array([samples[k][1] for k in keys])
     out.mkdir(parents=True, exist_ok=True)
@@ -92,21 +134,19 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
     frame.insert(0, "image_index", image_index)
     frame.to_csv(out / "predictions.csv", index=False)
 
-    metrics = per_class_report(targets, probs, thresholds, groups=patients, n_boot=n_boot)
-    metrics |= {"split": split, "checkpoint": str(checkpoint), "checkpoint_epoch": ckpt.get("epoch"),
+    metrics = per_class_report(targets, probs, info.thresholds, groups=patients, n_boot=n_boot)
+    metrics |= {"split": split, "checkpoint": str(checkpoint), "checkpoint_epoch": info.epoch,
                 "threshold_source": "F1-optimal per class on the validation split, stored in the checkpoint",
-                "inference_images_per_second": len(keys) / seconds, "device": str(target), "loader": backend}
-    curves = plot_curves(targets, probs, thresholds, out / "curves")
-
-    errors = select_errors(targets, probs, thresholds, top_k)
-    wanted = {keys[row] for kind in errors.values() for rows in kind.values() for row, _ in rows}
-    boxes = read_boxes(bbox) if bbox else None
-    if boxes is not None:
-        wanted |= {k for k, name in zip(keys, image_index) if name in set(boxes["image"])}
-    images = load_processed(shards_dir, split, wanted, cfg.data)
+                "inference_images_per_second": len(keys) / seconds, "device": str(target),
+                "loader": resolve_backend(backend, target)}
+    curves = plot_curves(targets, probs, info.thresholds, out / "curves")
+    row_of = {key: row for row, key in enumerate(keys)}
+    errors = {kind: {name: [(row_of[key], p) for key, p in rows] for name, rows in per_class.items()}
+              for kind, per_class in collector.errors().items()}
+    images = collector.images
     explainer = CamExplainer(model)
-    gallery = _write_gallery(errors, keys, image_index, targets, probs, thresholds, images, explainer, cfg, target,
-                             out / "visualizations")
+    gallery = _write_gallery(errors, keys, image_index, targets, probs, info.thresholds, images, explainer, cfg,
+                             target, out / "visualizations")
     localization = _localization(boxes, keys, image_index, images, explainer, cfg, target) \
         if boxes is not None else None
     metrics["localization"] = localization
@@ -117,7 +157,7 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
     return metrics
 
 
-def _model_input(image: np.ndarray, cfg: RunConfig, device: torch.device) -> torch.Tensor:
+def _model_input(image: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
     return normalize(torch.from_numpy(image)[None, None].to(device), cfg.data.in_chans)
 
 

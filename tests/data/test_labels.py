@@ -9,7 +9,7 @@ from conftest import REAL_TABLE, needs_real_data
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import format_finding_labels, multi_hot, parse_finding_labels, read_label_table
+from cxr_fast.data.labels import format_finding_labels, multi_hot, parse_finding_labels, read_label_table
 
 
 def _table(tmp_path, rows, columns=("Image Index", "Finding Labels", "Patient ID")):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
 
 
@@ -139,31 +140,37 @@ def _optimizer_step(state: TrainState) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     if state.ema is not None:
-        state.ema.update(_unwrap(state.model), step=state.step)
+        state.ema.update(unwrap(state.model), step=state.step)
     state.step += 1
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-             distributed: bool = False, show_progress: bool = True) -> dict:
+             distributed: bool = False, show_progress: bool = True, on_batch=None) -> dict:
     """Predictions over the whole split, gathered across ranks (each sample exactly once): probs, targets, keys
-    (sorted by key, so every rank holds the same arrays) and the mean loss."""
+    (sorted by key, so every rank holds the same arrays) and the mean loss. Results stay on the device until the
+    end (one transfer, no sync per batch); `on_batch(batch, probs)` sees each batch as it is scored."""
     model.eval()
-    probs, targets, keys, loss_sum = [], [], [], 0.0
+    probs, targets, keys = [], [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not show_progress, leave=False):
         with autocast(device, amp_dtype):
             logits = model(batch.images)
-        loss_sum += loss_fn(logits, batch.targets).item() * len(batch.keys)
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        targets.append(batch.targets.cpu().numpy())
+        batch_probs = torch.sigmoid(logits.float())
+        loss_sum += loss_fn(logits, batch.targets).double() * len(batch.keys)
+        probs.append(batch_probs)
+        targets.append(batch.targets)
         keys += batch.keys
-    part = (np.concatenate(probs) if probs else np.zeros((0, 14), np.float32),
-            np.concatenate(targets) if targets else np.zeros((0, 14), np.float32), keys, loss_sum)
+        if on_batch is not None:
+            on_batch(batch, batch_probs)
+    part = (torch.cat(probs).cpu().numpy() if probs else np.zeros((0, C.NUM_CLASSES), np.float32),
+            torch.cat(targets).cpu().numpy() if targets else np.zeros((0, C.NUM_CLASSES), np.float32), keys,
+            float(loss_sum.item()))
     parts = [part]
     if distributed:
         parts = [None] * dist.get_world_size()

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 
 from cxr_fast import constants as C
-from cxr_fast.labels import read_label_table
+from cxr_fast.data.labels import read_label_table
 
 
 def test_synthetic_set_has_the_nih_layout(synth_dir):
@@ -28,9 +28,10 @@ def test_split_lists_are_patient_disjoint(synth_dir):
 
 
 def test_labels_follow_the_real_prevalence_order():
-    from cxr_fast.synth import SynthSpec, draw_labels
+    from cxr_fast.config import SynthConfig
+    from cxr_fast.data.synth import draw_labels
 
-    labels = draw_labels(SynthSpec(n_images=4000), np.random.default_rng(0))
+    labels = draw_labels(SynthConfig(n_images=4000), np.random.default_rng(0))
     prevalence = labels.mean(axis=0)
     assert 0.45 < (labels.sum(axis=1) == 0).mean() < 0.6  # about half "No Finding", as in NIH
     assert prevalence.argmax() == C.CLASS_NAMES.index("Infiltration")
@@ -38,7 +39,7 @@ def test_labels_follow_the_real_prevalence_order():
 
 
 def test_each_finding_changes_the_image():
-    from cxr_fast.synth import ChestPainter
+    from cxr_fast.data.synth import ChestPainter
 
     anatomy = {"lung_w": 160, "lung_h": 280}
     normal = ChestPainter(256, np.random.default_rng(0)).paint(np.zeros(14, np.uint8), anatomy).astype(float)

@@ -51,10 +51,3 @@ def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_C
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The last stage of the backbone: Grad-CAM++ looks at its feature maps."""
-    if hasattr(model, "stages"):
-        return model.stages[-1]
-    raise CxrFastError(f"Grad-CAM++ needs a model with `stages` (ConvNeXt family); got {type(model).__name__}")

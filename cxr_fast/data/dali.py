@@ -57,7 +57,7 @@ def build_pipeline(tars: list[str], image_ext: str, cfg: DataConfig, *, batch_si
     fn, pipeline_def, types = import_dali()
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_threads or 1), device_id=device_id, seed=seed,
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.workers or 1), device_id=device_id, seed=seed,
                   prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
     def cxr_pipeline():
         ext = [image_ext, "labels", "id"] + (["shape"] if image_ext == "raw" else [])

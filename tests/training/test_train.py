@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cxr_fast import constants as C
-from cxr_fast.checkpoint import load_checkpoint, save_checkpoint
+from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr_fast.config import ModelConfig, RunConfig, replace
 from cxr_fast.errors import CxrFastError
-from cxr_fast.model import create_model
-from cxr_fast.train import run_training
+from cxr_fast.training.model import create_model
+from cxr_fast.training.run import run_training
 
 CLI = [sys.executable, "-m", "cxr_fast"]
 TINY = {"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64, "optim.batch_size": 4,
@@ -62,11 +62,22 @@ def test_checkpoint_is_written_atomically_and_checked_on_load(tmp_path):
         load_checkpoint(path)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(synth_shards, tmp_path):
-    with pytest.raises(CxrFastError, match=r"loss is (nan|inf) at optimizer step \d+ \(epoch 1"):
-        run_training(tiny(**{"optim.lr": 1e12, "optim.warmup_fraction": 0.0, "optim.clip_grad_norm": 0.0}),
-                     synth_shards, tmp_path / "run", show_progress=False)
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(synth_shards, tmp_path, monkeypatch):
+    from cxr_fast.training import run
+
+    class BreaksAtTheFifthBatch(run.FocalLoss):
+        calls = 0
+
+        def forward(self, logits, targets):
+            BreaksAtTheFifthBatch.calls += 1
+            loss = super().forward(logits, targets)
+            return loss * float("nan") if BreaksAtTheFifthBatch.calls == 5 else loss
+
+    monkeypatch.setattr(run, "FocalLoss", BreaksAtTheFifthBatch)
+    with pytest.raises(CxrFastError, match=r"loss is nan at optimizer step 3 \(epoch 1"):
+        run_training(tiny(), synth_shards, tmp_path / "run", show_progress=False)
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert saved["step"] == 2 and saved["batch_in_epoch"] == 4  # the last good optimizer step (accum 2)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
@@ -123,9 +134,9 @@ def test_convnext_large_has_the_exact_head_and_runs_at_512():
 
 @pytest.mark.slow
 def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards, tmp_path):
-    from cxr_fast.engine import evaluate
-    from cxr_fast.loader import create_loader
-    from cxr_fast.losses import FocalLoss
+    from cxr_fast.training.engine import evaluate
+    from cxr_fast.data.loader import create_loader
+    from cxr_fast.training.losses import FocalLoss
     from cxr_fast.metrics import macro_auc
 
     run = tmp_path / "ddp"
@@ -141,7 +152,7 @@ def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards,
     cfg = tiny()
     model = create_model(cfg.model, 1)
     model.load_state_dict(checkpoint["model"])
-    loader = create_loader("dali", synth_shards, "val", cfg.data, batch_size=8, train=False)
+    loader = create_loader(cfg.loader, synth_shards, "val", cfg.data, batch_size=8, train=False)
     single = evaluate(model, loader, FocalLoss(0.0), torch.device("cpu"), None, show_progress=False)
     assert record["val_images"] == len(single["keys"])  # every validation image once, across the two ranks
     assert record["val_macro_auc"] == pytest.approx(macro_auc(single["targets"], single["probs"])[0], abs=1e-6)

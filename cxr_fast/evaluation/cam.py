@@ -12,11 +12,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr_fast.model import gradcam_target_layer
+from cxr_fast.errors import CxrFastError
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5)
 # Wang et al. threshold the heat map to draw a box; 0.5 of the map's maximum is the usual choice.
 BOX_LEVEL = 0.5
+
+
+# The layer whose feature maps Grad-CAM++ weighs, per model family (timm class name): the last convolutional stage,
+# whose maps still have a spatial layout (1/32 of the input). Transformers would need a reshape; none is listed.
+TARGET_LAYERS = {
+    "ConvNeXt": lambda model: model.stages[-1],
+    "ResNet": lambda model: model.layer4,
+    "EfficientNet": lambda model: model.conv_head,
+    "DenseNet": lambda model: model.features,
+}
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    family = type(model).__name__
+    if family not in TARGET_LAYERS:
+        raise CxrFastError(f"Grad-CAM++ has no target layer for {family} models; known: {', '.join(TARGET_LAYERS)}")
+    return TARGET_LAYERS[family](model)
 
 
 class CamExplainer:
@@ -24,7 +41,7 @@ class CamExplainer:
         from pytorch_grad_cam import GradCAMPlusPlus
 
         self.model = model.eval()
-        self.cam = GradCAMPlusPlus(model=self.model, target_layers=[gradcam_target_layer(self.model)])
+        self.cam = GradCAMPlusPlus(model=self.model, target_layers=[target_layer(self.model)])
 
     def __call__(self, image: torch.Tensor, class_index: int) -> np.ndarray:
         """(H, W) map in [0, 1] at the input's size for one normalised image (1, C, H, W) and one class."""

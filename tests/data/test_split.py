@@ -5,8 +5,8 @@ import pytest
 from conftest import REAL_TABLE, needs_real_data
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import read_label_table
-from cxr_fast.split import check_patient_disjoint, plan_split, split_summary
+from cxr_fast.data.labels import read_label_table
+from cxr_fast.data.split import check_patient_disjoint, plan_split, split_summary
 
 
 @needs_real_data

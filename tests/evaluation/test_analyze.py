@@ -9,15 +9,16 @@ from sklearn.metrics import f1_score
 
 from conftest import REAL_BOXES
 from cxr_fast import constants as C
-from cxr_fast.analyze import run_analysis, select_errors
-from cxr_fast.cam import CamExplainer, cam_box, iobb, pointing_hit
-from cxr_fast.checkpoint import load_checkpoint, save_checkpoint
+from cxr_fast.data.loader import Batch
+from cxr_fast.evaluation.analyze import ErrorCollector, run_analysis
+from cxr_fast.evaluation.cam import CamExplainer, cam_box, iobb, pointing_hit
+from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr_fast.cli import cli
 from cxr_fast.config import ModelConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import per_class_report
-from cxr_fast.model import create_model
-from cxr_fast.report import plot_curves, write_analysis_report
+from cxr_fast.training.model import create_model
+from cxr_fast.evaluation.report import plot_curves, write_analysis_report
 
 
 def test_whole_command_on_the_cpu(tiny_run, synth_shards, tmp_path):
@@ -51,7 +52,7 @@ def test_thresholds_come_from_validation_not_from_the_reported_split(tiny_run, s
     for c, name in enumerate(C.CLASS_NAMES):
         assert metrics["classes"][name]["threshold"] == pytest.approx(planted[c])
     # F1 at the planted thresholds, recomputed with scikit-learn from predictions.csv and the shard labels.
-    from cxr_fast.shards import iter_samples, split_shards
+    from cxr_fast.data.reader import iter_samples, split_shards
 
     labels = {}
     for tar in split_shards(synth_shards, "test"):
@@ -99,13 +100,21 @@ def test_report_renders_all_classes_with_one_absent(tmp_path):
 
 
 def test_error_selection_is_the_most_confident_mistakes():
-    targets = np.zeros((5, 14))
+    targets = torch.zeros((5, 14))
     targets[0, 0] = targets[1, 0] = 1
-    probs = np.zeros((5, 14))
-    probs[:, 0] = [0.1, 0.9, 0.8, 0.95, 0.2]
-    errors = select_errors(targets, probs, np.full(14, 0.5), top_k=2)
-    assert [row for row, _ in errors["fp"]["Atelectasis"]] == [3, 2]
-    assert [row for row, _ in errors["fn"]["Atelectasis"]] == [0]
+    probs = torch.zeros((5, 14))
+    probs[:, 0] = torch.tensor([0.1, 0.9, 0.8, 0.95, 0.2])
+    images = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, 1, 4, 4)
+    collector = ErrorCollector(np.full(14, 0.5), top_k=2, box_keys=set())
+    # Scored in two batches, as a loader delivers them.
+    for rows in (slice(0, 3), slice(3, 5)):
+        keys = [f"img{i}" for i in range(5)][rows]
+        collector(Batch((images[rows] - C.GRAY_MEAN) / C.GRAY_STD, targets[rows], keys), probs[rows])
+    errors = collector.errors()
+    assert [key for key, _ in errors["fp"]["Atelectasis"]] == ["img3", "img2"]
+    assert [key for key, _ in errors["fn"]["Atelectasis"]] == ["img0"]
+    assert set(collector.images) == {"img0", "img2", "img3"}  # the images of chosen errors only
+    assert collector.images["img3"].dtype == np.uint8 and (collector.images["img3"] == 3).all()
 
 
 def test_bad_inputs_give_clear_messages(tiny_run, synth_shards, tmp_path):

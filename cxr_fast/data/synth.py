@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -25,8 +24,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr_fast import constants as C
-from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import format_finding_labels
+from cxr_fast.config import SynthConfig
+from cxr_fast.data.labels import format_finding_labels
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +47,7 @@ CO_OCCURRING = {
 FINDINGS_PER_IMAGE = {1: 0.6, 2: 0.27, 3: 0.1, 4: 0.03}
 
 
-@dataclass(frozen=True)
-class SynthSpec:
-    n_images: int = 800
-    image_size: int = 1024
-    seed: int = 0
-    no_finding_fraction: float = 0.54
-    min_prevalence: float = 0.04
-    test_fraction: float = 0.2
-    mean_images_per_patient: float = 2.5
-
-
-def draw_labels(spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
+def draw_labels(spec: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """(n_images, 14) multi-hot labels with the real prevalence order and co-occurrence pattern."""
     weights = np.array([max(C.REAL_PREVALENCE[c], spec.min_prevalence) for c in C.CLASS_NAMES])
     counts = list(FINDINGS_PER_IMAGE)
@@ -79,7 +67,7 @@ def draw_labels(spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def draw_patients(spec: SynthSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_patients(spec: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Patient id and follow-up number per image: several images per patient, geometric counts."""
     patients, followups = [], []
     patient = 0
@@ -214,12 +202,8 @@ def _paint_one(job: tuple) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def write_synthetic_dataset(out: str | Path, spec: SynthSpec = SynthSpec(), workers: int = 2) -> Path:
+def write_synthetic_dataset(out: str | Path, spec: SynthConfig = SynthConfig(), workers: int = 2) -> Path:
     """Write the data set below `out` and return the path of its label table."""
-    if spec.n_images < 10:
-        raise CxrFastError("--n-images must be at least 10")
-    if spec.image_size < 64:
-        raise CxrFastError("--image-size must be at least 64")
     out = Path(out)
     images_dir = out / IMAGES_SUBDIR
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +215,7 @@ def write_synthetic_dataset(out: str | Path, spec: SynthSpec = SynthSpec(), work
     ages = {p: int(rng.integers(18, 90)) for p in set(patients)}
     sexes = {p: rng.choice(["M", "F"]) for p in set(patients)}
 
-    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], spec.image_size, spec.seed * 1_000_003 + i)
+    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], spec.source_size, spec.seed * 1_000_003 + i)
             for i, name in enumerate(names)]
     with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
         for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
@@ -245,10 +229,10 @@ def write_synthetic_dataset(out: str | Path, spec: SynthSpec = SynthSpec(), work
         C.COL_AGE: [ages[p] + f // 2 for p, f in zip(patients, followups)],
         C.COL_SEX: [sexes[p] for p in patients],
         C.COL_VIEW: rng.choice(["PA", "AP"], size=len(names), p=[0.6, 0.4]),
-        "OriginalImage[Width": spec.image_size,
-        "Height]": spec.image_size,
-        "OriginalImagePixelSpacing[x": 0.143 * 1024 / spec.image_size,
-        "y]": 0.143 * 1024 / spec.image_size,
+        "OriginalImage[Width": spec.source_size,
+        "Height]": spec.source_size,
+        "OriginalImagePixelSpacing[x": 0.143 * 1024 / spec.source_size,
+        "y]": 0.143 * 1024 / spec.source_size,
     })
     table_path = out / LABEL_TABLE_NAME
     table.to_csv(table_path, index=False)

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from cxr_fast import constants as C
-from cxr_fast.engine import warmup_cosine
-from cxr_fast.losses import FocalLoss, inverse_frequency_weights
+from cxr_fast.training.engine import warmup_cosine
+from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 
 
 def test_gamma_zero_unit_weights_is_bce_with_logits():

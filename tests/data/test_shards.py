@@ -11,9 +11,13 @@ from click.testing import CliRunner
 from conftest import REAL_IMAGES, REAL_TABLE, needs_real_data
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
-from cxr_fast.labels import parse_finding_labels, read_label_table
-from cxr_fast.shards import (MANIFEST, PROGRESS, ShardSpec, dali_index, decode_id, decode_image, load_manifest,
-                             verify, write_shards)
+from cxr_fast.data.labels import parse_finding_labels, read_label_table
+from cxr_fast.config import ShardConfig
+from cxr_fast.data.codec import decode_id, decode_image
+from cxr_fast.data.reader import MANIFEST, load_manifest
+from cxr_fast.data.tario import dali_index
+from cxr_fast.data.verify import verify
+from cxr_fast.data.writer import PROGRESS, write_shards
 
 
 def _source_gray(image_index):
@@ -99,7 +103,7 @@ def test_manifest_contract(real_shards):
 def test_other_encodings_round_trip(synth_dir, tmp_path, encoding, resize, tolerance):
     out = tmp_path / "shards"
     manifest = write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv", out,
-                            ShardSpec(encoding=encoding, resize=resize, shard_size=40), workers=1)
+                            ShardConfig(encoding=encoding, resize=resize, shard_size=40), workers=1)
     for sample in wds.WebDataset([str(out / n) for n in manifest["splits"]["train"]["shards"]], shardshuffle=False):
         source = cv2.imread(str(synth_dir / "images_001/images" / (sample["__key__"] + ".png")), cv2.IMREAD_GRAYSCALE)
         if resize:
@@ -130,10 +134,10 @@ def test_bad_input_fails_cleanly_or_is_skipped_and_listed(synth_dir, tmp_path, d
     labels = synth_dir / "Data_Entry_2017.csv"
     out = tmp_path / "out"
     with pytest.raises(CxrFastError, match=victim.name):
-        write_shards(images, labels, out, ShardSpec(shard_size=4), workers=2)
+        write_shards(images, labels, out, ShardConfig(shard_size=4), workers=2)
     assert not out.exists() or not any(out.rglob("*"))  # no partial output
 
-    manifest = write_shards(images, labels, out, ShardSpec(shard_size=4, on_error="skip"), workers=2)
+    manifest = write_shards(images, labels, out, ShardConfig(shard_size=4, on_error="skip"), workers=2)
     assert [s["file"] for s in manifest["skipped"]] == [str(victim)]
     assert manifest["skipped"][0]["reason"]
     total = sum(manifest["splits"][s]["images"] for s in ("train", "val", "test"))
@@ -150,14 +154,14 @@ def test_unreadable_folder_is_reported(synth_dir, tmp_path, monkeypatch):
         yield from real_walk(top, onerror=onerror)
         onerror(PermissionError(13, "Permission denied", str(images / "sub")))
 
-    monkeypatch.setattr("cxr_fast.shards.os.walk", walk_with_denied_subfolder)
+    monkeypatch.setattr("cxr_fast.data.writer.os.walk", walk_with_denied_subfolder)
     with pytest.raises(CxrFastError, match=f"cannot read folder {images / 'sub'}: Permission denied"):
         write_shards(images, synth_dir / "Data_Entry_2017.csv", tmp_path / "out")
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(synth_dir, tmp_path):
     images, labels = synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"
-    spec = ShardSpec(shard_size=8)
+    spec = ShardConfig(shard_size=8)
     reference = write_shards(images, labels, tmp_path / "ref", spec, workers=2)
 
     out = tmp_path / "out"

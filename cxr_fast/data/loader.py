@@ -1,0 +1,236 @@
+"""`create_loader()`: one signature for two interchangeable backends that yield the same batches.
+
+- `dali`: the DALI pipeline of `dali.py` (on the GPU when the target device is CUDA, unless `dali_cpu`).
+- `torch`: the baseline a user would otherwise write: torch DataLoader workers reading the tars, OpenCV decode,
+  resize (INTER_AREA), CLAHE and the same augmentations.
+- `auto`: DALI where the target device is CUDA, else torch: on CPU-only machines DALI's CPU operators are slower
+  than OpenCV's (benchmarks/RESULTS.md).
+
+Both yield `Batch(images, targets, keys)`: images (N, C, H, W) float, channels-last, on the target device; targets
+(N, 14) float; keys the image names. Both give rank r of k the same samples, [floor(r n / k), floor((r+1) n / k))
+of the split in manifest order (DALI's reader sharding), so every sample is seen exactly once per epoch, and
+`len(loader)` is the number of batches this rank yields. The torch backend cuts its rank's range into contiguous
+whole-batch runs, one per worker, so each worker reads only its part of the tars and only the last batch is short.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from cxr_fast.config import DataConfig
+from cxr_fast.data.codec import decode_id, decode_image
+from cxr_fast.data.reader import load_manifest, split_shards
+from cxr_fast.data.tario import walk_tar
+from cxr_fast.data.transforms import normalize as normalize_images
+from cxr_fast.data.transforms import process_gray
+from cxr_fast.errors import CxrFastError
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    keys: list[str]
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The samples of one rank, as DALI's reader shards them: [floor(r n / k), floor((r + 1) n / k))."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto → dali on a CUDA device when DALI is installed, else torch."""
+    if backend not in BACKENDS:
+        raise CxrFastError(f"unknown loader {backend!r}: use {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "dali"
+
+
+# ------------------------------------------------------------------------------------------------------- torch
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Whole batches of one rank's samples for the DataLoader: worker w of W takes batches [w nb / W, (w+1) nb / W)
+    of the rank's nb batches, a contiguous run of samples, and reads only the tars (and members) it overlaps."""
+
+    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, batch_size: int, cfg: DataConfig,
+                 train: bool, seed: int):
+        super().__init__()
+        self.tars, self.lo, self.hi, self.batch_size = tars, lo, hi, batch_size
+        self.cfg, self.train, self.seed = cfg, train, seed
+
+    def _range(self, worker: int, workers: int) -> tuple[int, int]:
+        batches = math.ceil((self.hi - self.lo) / self.batch_size)
+        first, last = batches * worker // workers, batches * (worker + 1) // workers
+        return self.lo + first * self.batch_size, min(self.hi, self.lo + last * self.batch_size)
+
+    def _samples(self, start: int, stop: int):
+        offset = 0
+        for tar, count in self.tars:
+            if offset < stop and start < offset + count:
+                yield from walk_tar(tar, start=max(0, start - offset), stop=min(count, stop - offset))
+            offset += count
+
+    def _shuffled(self, samples, rng: random.Random):
+        """A shuffle buffer, as webdataset's: shards are shuffled when written, this mixes neighbours."""
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.cfg.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        start, stop = self._range(worker, workers)
+        samples = self._samples(start, stop)
+        rng = None
+        if self.train:
+            samples = self._shuffled(samples, random.Random(self.seed * 1_000_003 + start))
+            rng = np.random.default_rng([self.seed, start])
+        images, labels, keys = [], [], []
+        for key, sample in samples:
+            try:
+                gray = decode_image(sample)
+                label = np.frombuffer(sample["labels"], np.uint8)
+            except (ValueError, KeyError) as error:
+                raise CxrFastError(f"sample {key}: {error}") from None
+            images.append(process_gray(gray, self.cfg, rng))
+            labels.append(label)
+            keys.append(key)
+            if len(keys) == self.batch_size:
+                yield _collate(images, labels, keys)
+                images, labels, keys = [], [], []
+        if keys:
+            yield _collate(images, labels, keys)
+
+
+def _collate(images, labels, keys):
+    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(labels)), keys
+
+
+def _one_thread_per_worker(_worker_id: int) -> None:
+    # Parallelism comes from the workers; OpenCV's own thread pool inside each would oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+class _Loader:
+    """What both backends share: the batch count and the last step, uint8 on the device → Batch."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device, normalize: bool, batches: int):
+        self.cfg, self.device, self.normalize, self.batches = cfg, device, normalize, batches
+
+    def __len__(self):
+        return self.batches
+
+    def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> Batch:
+        images = images_u8.to(self.device, non_blocking=True)
+        images = normalize_images(images, self.cfg.in_chans) if self.normalize else images
+        return Batch(images, labels.to(self.device, non_blocking=True).float(), keys)
+
+
+class TorchLoader(_Loader):
+    def __init__(self, tars, lo, hi, cfg, batch_size, train, device, seed, normalize):
+        workers = min(cfg.workers, math.ceil((hi - lo) / batch_size))  # no idle workers
+        super().__init__(cfg, device, normalize, math.ceil((hi - lo) / batch_size))
+        dataset = ShardDataset(tars, lo, hi, batch_size, cfg, train, seed)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=2 if workers else None, worker_init_fn=_one_thread_per_worker,
+            persistent_workers=workers > 0,  # iterating again (the next epoch) keeps the workers
+            # Its own generator: the DataLoader draws a seed per iteration, which must not advance the global RNG
+            # (dropout's): a resumed run creates its loader at another step than the uninterrupted run did.
+            generator=torch.Generator().manual_seed(seed),
+            # Not fork: a process that has run DALI (or CUDA) holds threads whose locks a forked child inherits.
+            multiprocessing_context="forkserver" if workers else None)
+
+    def __iter__(self):
+        for images, labels, keys in self.loader:
+            yield self._batch(images, labels, list(keys))
+
+
+# -------------------------------------------------------------------------------------------------------- DALI
+class DaliLoader(_Loader):
+    def __init__(self, tars, image_ext, total, cfg, batch_size, train, device, seed, rank, world_size, normalize,
+                 dali_cpu):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from cxr_fast.data.dali import READER_NAME, build_pipeline
+
+        lo, hi = rank_range(total, rank, world_size)
+        super().__init__(cfg, device, normalize, math.ceil((hi - lo) / batch_size))
+        on_gpu = device.type == "cuda" and not dali_cpu
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
+        try:
+            self.pipe = build_pipeline([str(t) for t in tars], image_ext, cfg, batch_size=batch_size, train=train,
+                                       device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size)
+            # PARTIAL with padded shards: every sample exactly once per epoch, no duplicates from the padding.
+            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "ids"], reader_name=READER_NAME,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+        except RuntimeError as error:
+            raise CxrFastError(f"DALI cannot read the shards: {_dali_reason(error)}") from None
+
+    def __iter__(self):
+        try:
+            for index, (out,) in enumerate(self.iterator):
+                if index >= self.batches:
+                    # A rank with fewer samples than the largest shard gets batches of padding only; drop them.
+                    continue
+                # HWC batch viewed as NCHW: channels-last strides, no copy.
+                yield self._batch(out["images"].permute(0, 3, 1, 2), out["labels"],
+                                  [decode_id(row) for row in out["ids"].numpy()])
+        except RuntimeError as error:
+            raise CxrFastError(f"DALI failed while reading the shards: {_dali_reason(error)}") from None
+
+
+def _dali_reason(error: Exception) -> str:
+    """The operator's own message out of DALI's long error text (it names the file at fault)."""
+    text = str(error)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1].split("C++ context", 1)[0]
+    return " ".join(text.split())[:600]
+
+
+def create_loader(backend: str, shards_dir: str | Path, split: str, cfg: DataConfig, *, batch_size: int,
+                  train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+                  normalize: bool = True, dali_cpu: bool = False):
+    """A loader over one split. train=True shuffles and augments; False reads in order, without augmentation.
+
+    dali_cpu=True keeps the DALI pipeline on the CPU even when `device` is CUDA.
+    """
+    if batch_size < 1:
+        raise CxrFastError(f"batch size must be at least 1, got {batch_size}")
+    device = torch.device(device)
+    if cfg.workers is None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cfg = replace(cfg, workers=max(1, (os.cpu_count() or 1) // ranks_here))
+    manifest = load_manifest(shards_dir)
+    tars = split_shards(shards_dir, split, manifest)
+    total = manifest["splits"][split]["images"]
+    if rank_range(total, rank, world_size)[0] == rank_range(total, rank, world_size)[1]:
+        raise CxrFastError(f"split {split!r} has {total} images, too few for {world_size} ranks")
+    backend = resolve_backend(backend, device)
+    if backend == "dali":
+        return DaliLoader(tars, manifest["image_ext"], total, cfg, batch_size, train, device, seed, rank,
+                          world_size, normalize, dali_cpu)
+    names = manifest["splits"][split]["shards"]
+    counts = [(str(tar), manifest["shards"][name]["samples"]) for tar, name in zip(tars, names)]
+    lo, hi = rank_range(total, rank, world_size)
+    return TorchLoader(counts, lo, hi, cfg, batch_size, train, device, seed, normalize)

@@ -1,0 +1,41 @@
+"""`cxr-fast preview`: what the model sees (after CLAHE and augmentation, before normalisation), as image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cxr_fast.config import DataConfig
+from cxr_fast.data.loader import create_loader
+
+
+def write_preview(shards_dir: str | Path, split: str, backend: str, cfg: DataConfig, n: int, out: str | Path,
+                  augment: bool, seed: int = 0) -> list[Path]:
+    """Write the first `n` processed images as `out/<image_index>`, and with augmentation a contact sheet."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loader = create_loader(backend, shards_dir, split, cfg, batch_size=min(n, 16), train=augment, seed=seed,
+                           normalize=False)
+    images = {}
+    for batch in loader:
+        for key, image in zip(batch.keys, batch.images):
+            if len(images) < n:
+                images[key] = image[0].cpu().numpy()
+        if len(images) >= n:
+            break
+    paths = []
+    for key, image in images.items():
+        paths.append(out / f"{key}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    if augment and images:
+        paths.append(out / "contact_sheet.png")
+        cv2.imwrite(str(paths[-1]), contact_sheet(list(images.values())))
+    return paths
+
+
+def contact_sheet(images: list[np.ndarray], columns: int = 4, tile: int = 256) -> np.ndarray:
+    tiles = [cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA) for image in images]
+    tiles += [np.zeros((tile, tile), np.uint8)] * (-len(tiles) % columns)
+    return np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])

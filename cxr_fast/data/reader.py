@@ -1,0 +1,53 @@
+"""Reading a shard set: its manifest (checked for its format version), the tars of a split, their samples, and the
+key -> image/patient table the analysis joins predictions with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cxr_fast.data.tario import walk_tar
+from cxr_fast.errors import CxrFastError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def load_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrFastError(f"no {MANIFEST} in {shards_dir}: is this a folder written by `cxr-fast shard`?") from None
+    except (OSError, ValueError) as error:
+        raise CxrFastError(f"cannot read {path}: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CxrFastError(f"{path}: shard format {version}, this version reads {FORMAT_VERSION}; re-run "
+                           "`cxr-fast shard`")
+    return manifest
+
+
+def split_shards(shards_dir: str | Path, split: str, manifest: dict | None = None) -> list[Path]:
+    """The tar files of a split, in manifest order; a clear error when the split is missing or empty."""
+    manifest = manifest or load_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise CxrFastError(f"unknown split {split!r}; the manifest has {', '.join(manifest['splits'])}")
+    names = manifest["splits"][split]["shards"]
+    if not names:
+        raise CxrFastError(f"split {split!r} in {shards_dir} has no shards (0 images)")
+    return [Path(shards_dir) / name for name in names]
+
+
+def iter_samples(tar_path: str | Path):
+    """(key, {ext: bytes}) for each sample of one tar, in order; a damaged tar raises naming the shard."""
+    return walk_tar(tar_path)
+
+
+def sample_table(manifest: dict, split: str) -> dict[str, tuple[str, str]]:
+    """key -> (image_index, patient_id) for every sample of a split, from the manifest alone."""
+    table = {}
+    for name in manifest["splits"][split]["shards"]:
+        record = manifest["shards"][name]
+        table.update(zip(record["keys"], zip(record["image_index"], record["patients"])))
+    return table

@@ -1,0 +1,63 @@
+"""`cxr-fast verify`: every shard checked against the manifest (sha256, DALI index; deep: every sample decodes and
+agrees with its JSON)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_fast.data.codec import decode_id, decode_image
+from cxr_fast.data.reader import load_manifest
+from cxr_fast.data.tario import dali_index, sha256_file, walk_tar
+from cxr_fast.errors import CxrFastError
+
+
+def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
+    """The problems found, each naming its shard; an empty list means all is well."""
+    shards_dir = Path(shards_dir)
+    manifest = load_manifest(shards_dir)
+    problems = []
+    for name, record in tqdm(manifest["shards"].items(), desc="verify", unit="shard"):
+        tar, idx = shards_dir / name, shards_dir / record["index"]
+        if not tar.exists() or not idx.exists():
+            problems.append(f"{name}: missing {'tar' if not tar.exists() else 'index'}")
+            continue
+        if sha256_file(tar) != record["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (the file changed or is damaged)")
+            continue
+        try:
+            if idx.read_text() != dali_index(tar):
+                problems.append(f"{name}: index {idx.name} does not match the tar")
+        except (CxrFastError, tarfile.TarError, OSError) as error:
+            problems.append(f"{name}: unreadable tar ({error})")
+            continue
+        if deep:
+            problems += [f"{name}: {p}" for p in _check_samples(tar, record)]
+    return problems
+
+
+def _check_samples(tar: Path, record: dict) -> list[str]:
+    problems, count = [], 0
+    try:
+        for key, sample in walk_tar(tar):
+            count += 1
+            try:
+                image = decode_image(sample)
+                meta = json.loads(sample["json"])
+                labels = np.frombuffer(sample["labels"], np.uint8).tolist()
+            except (ValueError, KeyError) as error:
+                problems.append(f"sample {key}: {error}")
+                continue
+            if labels != meta["labels"] or decode_id(sample["id"]) != key:
+                problems.append(f"sample {key}: labels or id disagree with its json")
+            if image.shape != (meta["height"], meta["width"]):
+                problems.append(f"sample {key}: image is {image.shape}, json says {meta['height']}x{meta['width']}")
+    except CxrFastError as error:
+        return [str(error)]
+    if count != record["samples"]:
+        problems.append(f"{count} samples, manifest says {record['samples']}")
+    return problems

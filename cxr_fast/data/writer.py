@@ -1,0 +1,318 @@
+"""`cxr-fast shard`: the label table and images → WebDataset shards, the one artefact every later stage reads.
+
+Layout: `<out>/{train,val,test}/shard-NNNNNN.tar`, a DALI index (`.idx`, wds2idx format v1.2) beside each tar, and
+`<out>/manifest.json`. A sample holds:
+  <key>.png|jpg|raw  the image (png: lossless, pixel-identical to the source in gray; jpg: GPU-decodable; raw: uint8)
+  <key>.shape        raw only: int32 (height, width, 1), so DALI can reshape the bytes
+  <key>.labels       14 uint8, multi-hot in canonical order: fixed size, read by DALI directly
+  <key>.id           the key as 64 NUL-padded ASCII bytes: fixed size, so DALI batches carry image names
+  <key>.json         image_index, patient_id, finding_labels (the original string), labels, split, height, width
+
+Writing is parallel, each shard goes to a temporary name and is renamed when complete, and the state of finished
+shards is kept in `<out>/.progress.json`, so re-running an interrupted command redoes only unfinished shards. Samples
+are shuffled before they are cut into shards, because DALI's reader shuffles only within a buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxr_fast import __version__
+from cxr_fast import constants as C
+from cxr_fast.config import ShardConfig
+from cxr_fast.data.codec import ID_BYTES, IMAGE_EXT, IMAGE_SUFFIXES, BadInput, encode_id, encode_image, read_gray
+from cxr_fast.data.labels import multi_hot, read_label_table, read_split_list
+from cxr_fast.data.reader import FORMAT_VERSION, MANIFEST
+from cxr_fast.data.split import plan_split, split_summary
+from cxr_fast.data.tario import add_member, dali_index, sha256_file
+from cxr_fast.errors import CxrFastError
+
+log = logging.getLogger(__name__)
+
+PROGRESS = ".progress.json"
+
+
+def _write_shard(job: dict) -> dict:
+    """Worker: write one shard (tar + index) under temporary names, then rename. Returns its manifest record."""
+    spec = ShardConfig(**job["spec"])
+    tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
+    tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
+    skipped, keys, patients, image_names = [], [], [], []
+    try:
+        with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in job["samples"]:
+                try:
+                    gray, data, is_gray_png = read_gray(Path(sample["path"]))
+                except BadInput as bad:
+                    if spec.on_error == "fail":
+                        raise
+                    skipped.append({"file": bad.path, "reason": bad.reason})
+                    continue
+                if spec.resize:
+                    gray = cv2.resize(gray, (spec.resize, spec.resize), interpolation=cv2.INTER_AREA)
+                # An 8-bit gray PNG source is already what the png encoding stores: copy its bytes, skip re-encoding.
+                if spec.encoding == "png" and not spec.resize and is_gray_png:
+                    components = {"png": data}
+                else:
+                    components = encode_image(gray, spec.encoding, spec.jpeg_quality)
+                key = sample["key"]
+                meta = dict(sample["meta"], height=int(gray.shape[0]), width=int(gray.shape[1]))
+                components["labels"] = np.asarray(sample["meta"]["labels"], np.uint8).tobytes()
+                components["id"] = encode_id(key)
+                components["json"] = json.dumps(meta).encode()
+                for ext in sorted(components):
+                    add_member(tar, f"{key}.{ext}", components[ext])
+                keys.append(key)
+                patients.append(meta["patient_id"])
+                image_names.append(meta["image_index"])
+        if not keys:
+            raise BadInput(job["tar"], "no sample of this shard could be read")
+        tmp_idx.write_text(dali_index(tmp_tar))
+        digest = sha256_file(tmp_tar)
+        os.replace(tmp_idx, idx_path)
+        os.replace(tmp_tar, tar_path)  # the tar last: a complete tar always has its index
+    finally:
+        for tmp in (tmp_tar, tmp_idx):
+            tmp.unlink(missing_ok=True)
+    return {"name": job["name"], "sha256": digest, "samples": len(keys), "keys": keys, "patients": patients,
+            "image_index": image_names, "skipped": skipped, "digest": job["digest"]}
+
+
+# ----------------------------------------------------------------------------------------------------- planning
+def find_images(images_dir: Path) -> dict[str, Path]:
+    """Image name -> path, searched recursively (NIH ships images_001/images/... folders)."""
+    if not images_dir.is_dir():
+        raise CxrFastError(f"image folder not found: {images_dir}")
+    found: dict[str, Path] = {}
+    for root, _dirs, files in os.walk(images_dir, onerror=_raise_unreadable):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                if name in found:
+                    raise CxrFastError(f"image name {name} occurs twice: {found[name]} and {Path(root) / name}")
+                found[name] = Path(root) / name
+    return found
+
+
+def _raise_unreadable(error: OSError) -> None:
+    raise CxrFastError(f"cannot read folder {error.filename}: {error.strerror}")
+
+
+def _split_lists(labels_path: Path, test_list: Path | None, train_val_list: Path | None):
+    """Official lists from flags, else from beside the table, else None (then fractions are used)."""
+    if test_list is None and (labels_path.parent / "test_list.txt").exists():
+        test_list = labels_path.parent / "test_list.txt"
+        if train_val_list is None and (labels_path.parent / "train_val_list.txt").exists():
+            train_val_list = labels_path.parent / "train_val_list.txt"
+    if test_list is None:
+        if train_val_list is not None:
+            raise CxrFastError("--train-val-list needs --test-list")
+        return None, None, None
+    return read_split_list(test_list), (read_split_list(train_val_list) if train_val_list else None), test_list
+
+
+def _digest(spec: ShardConfig, samples: list[dict]) -> str:
+    blob = json.dumps({"spec": asdict(spec) | {"on_error": None, "max_pixels": None},  # policy, not content
+                       "samples": [(s["key"], s["meta"]["labels"], s["size"]) for s in samples]})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], spec: ShardConfig, out: Path):
+    """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
+    labels = multi_hot(table)
+    rng = np.random.default_rng(spec.seed)
+    jobs = []
+    for split_name in C.SPLITS:
+        rows = np.flatnonzero((split == split_name).to_numpy())
+        rows = rows[rng.permutation(len(rows))]
+        samples = []
+        for row in rows:
+            image = table.at[row, C.COL_IMAGE]
+            key = image.rsplit(".", 1)[0]
+            if "." in key or len(key) > ID_BYTES:
+                raise CxrFastError(f"image name {image!r}: a sample key may hold no dot and at most {ID_BYTES} chars")
+            path = found[image]
+            samples.append({
+                "key": key, "path": str(path), "size": path.stat().st_size,
+                "meta": {"image_index": image, "patient_id": str(table.at[row, C.COL_PATIENT]),
+                         "finding_labels": table.at[row, C.COL_LABELS], "labels": labels[row].tolist(),
+                         "split": split_name},
+            })
+        for number, start in enumerate(range(0, len(samples), spec.shard_size)):
+            chunk = samples[start:start + spec.shard_size]
+            name = f"{split_name}/shard-{number:06d}"
+            jobs.append({"name": f"{name}.tar", "tar": str(out / f"{name}.tar"), "idx": str(out / f"{name}.idx"),
+                         "spec": asdict(spec), "samples": chunk, "digest": _digest(spec, chunk)})
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+def _load_state(out: Path) -> dict:
+    """Records of finished shards, from an interrupted run's progress file or a finished run's manifest."""
+    for name in (PROGRESS, MANIFEST):
+        try:
+            return json.loads((out / name).read_text())["shards"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return {}
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _is_done(job: dict, record: dict | None) -> bool:
+    tar, idx = Path(job["tar"]), Path(job["idx"])
+    return (record is not None and record.get("digest") == job["digest"] and tar.exists() and idx.exists()
+            and sha256_file(tar) == record["sha256"])
+
+
+def write_shards(
+    images_dir: str | Path,
+    labels_path: str | Path,
+    out: str | Path,
+    spec: ShardConfig = ShardConfig(),
+    workers: int = 1,
+    test_list: str | Path | None = None,
+    train_val_list: str | Path | None = None,
+) -> dict:
+    """The `cxr-fast shard` command. Returns the manifest."""
+    images_dir, labels_path, out = Path(images_dir), Path(labels_path), Path(out)
+    table, found, skipped, rows_without_image = _inputs(images_dir, labels_path, spec)
+    tests, train_vals, list_source = _split_lists(labels_path, test_list and Path(test_list),
+                                                   train_val_list and Path(train_val_list))
+    split = plan_split(table, spec.val_fraction, spec.test_fraction, spec.seed, tests, train_vals)
+    not_listed = int((split == "").sum())
+    if not_listed:
+        log.warning("%d image(s) are in neither split list and are left out", not_listed)
+        skipped += [{"file": str(found[n]), "reason": "in neither official split list"}
+                    for n in table.loc[split == "", C.COL_IMAGE]]
+
+    jobs = plan_shards(table, split, found, spec, out)
+    for split_name in C.SPLITS:
+        (out / split_name).mkdir(parents=True, exist_ok=True)
+    _remove_stale(out, {job["name"] for job in jobs})
+    done = _run_jobs(jobs, out, workers)
+    for record in done.values():
+        skipped += record["skipped"]
+    manifest = _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source,
+                         rows_without_image, skipped)
+    _atomic_json(out / MANIFEST, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def _inputs(images_dir: Path, labels_path: Path, spec: ShardConfig):
+    """The table rows that have an image, the images found, the skipped inputs and the count of rows without one."""
+    table = read_label_table(labels_path)
+    found = find_images(images_dir)
+    if not found:
+        raise CxrFastError(f"no .png/.jpg images found below {images_dir}")
+    orphans = sorted(set(found) - set(table[C.COL_IMAGE]))
+    skipped = []
+    if orphans:
+        if spec.on_error == "fail":
+            raise CxrFastError(f"{found[orphans[0]]}: image has no row in {labels_path} "
+                               f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
+        skipped += [{"file": str(found[n]), "reason": "no row in the label table"} for n in orphans]
+    present = table[C.COL_IMAGE].isin(set(found))
+    rows_without_image = int((~present).sum())
+    if rows_without_image:
+        log.info("%d of %d table rows have no image below %s (a partial download is fine)",
+                 rows_without_image, len(table), images_dir)
+    return table[present].reset_index(drop=True), found, skipped, rows_without_image
+
+
+def _run_jobs(jobs: list[dict], out: Path, workers: int) -> dict:
+    """Write the shards not already complete and correct, in parallel; their records by name."""
+    state = _load_state(out)
+    done = {job["name"]: state[job["name"]] for job in jobs if _is_done(job, state.get(job["name"]))}
+    todo = [job for job in jobs if job["name"] not in done]
+    if done:
+        log.info("resuming: %d of %d shard(s) already complete and correct", len(done), len(jobs))
+    progress = tqdm(total=sum(len(j["samples"]) for j in jobs), desc="shard", unit="img",
+                    initial=sum(len(j["samples"]) for j in jobs if j["name"] in done))
+    try:
+        with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(todo) or 1))) as pool:
+            for record in pool.imap_unordered(_write_shard, todo):
+                done[record["name"]] = record
+                _atomic_json(out / PROGRESS, {"shards": done})
+                progress.update(len(record["keys"]) + len(record["skipped"]))
+    except BadInput as bad:  # the pool is terminated by now: no worker can still be writing
+        _remove_written(out, todo, had_progress=bool(state))
+        raise CxrFastError(f"{bad.path}: {bad.reason}. The shards of this run were removed; fix or remove the file, "
+                           "or use --on-error skip to leave such inputs out") from None
+    finally:
+        progress.close()
+    return done
+
+
+def _remove_stale(out: Path, planned: set[str]) -> None:
+    """Shards of an earlier plan (other shard size, other data) and temporary files of a killed run."""
+    for split_name in C.SPLITS:
+        for path in (out / split_name).iterdir():
+            name = f"{split_name}/{path.name}"
+            if path.name.endswith(".tmp") or (path.name.startswith("shard-") and
+                                              name.rsplit(".", 1)[0] + ".tar" not in planned):
+                log.info("removing stale %s", path)
+                path.unlink()
+
+
+def _remove_written(out: Path, jobs: list[dict], had_progress: bool) -> None:
+    """Undo a failed run: every shard it was to write (finished or not); shards of earlier runs stay."""
+    for job in jobs:
+        for path in (Path(job["tar"]), Path(job["idx"])):
+            path.unlink(missing_ok=True)
+            path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+    if not had_progress:
+        (out / PROGRESS).unlink(missing_ok=True)
+        for split_name in C.SPLITS:
+            try:
+                (out / split_name).rmdir()
+            except OSError:
+                pass
+        try:
+            out.rmdir()
+        except OSError:
+            pass
+
+
+def _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source, rows_without_image, skipped):
+    written = {key for record in done.values() for key in record["keys"]}
+    keys = table[C.COL_IMAGE].str.rsplit(".", n=1).str[0]
+    kept = keys.isin(written)
+    summary = split_summary(table[kept].reset_index(drop=True), split[kept].reset_index(drop=True))
+    shards = {}
+    for job in jobs:
+        record = dict(done[job["name"]])
+        record["index"] = job["name"][:-4] + ".idx"
+        shards[job["name"]] = record
+    for split_name in C.SPLITS:
+        summary[split_name]["shards"] = [j["name"] for j in jobs if j["name"].startswith(split_name + "/")]
+    return {
+        "format_version": FORMAT_VERSION,
+        "cxr_fast_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": asdict(spec) | {"images": str(images_dir), "labels": str(labels_path),
+                                  "split_lists": str(list_source) if list_source else None},
+        "image_ext": IMAGE_EXT[spec.encoding],
+        "classes": list(C.CLASS_NAMES),
+        "splits": summary,
+        "shards": shards,
+        "rows_without_image": rows_without_image,
+        "skipped": skipped,
+    }

@@ -1,0 +1,1 @@
+"""The evaluation stage: Grad-CAM++, the analysis of a split and its report."""

@@ -1,0 +1,282 @@
+"""The `cxr-fast train` run: set-up (device, DDP, seeds), then epochs of training and validation, each ending with
+checkpoints and a line of metrics.jsonl.
+
+Multi-GPU runs go through `torchrun` and PyTorch DDP (NCCL on GPUs, gloo on the CPU): each rank reads its own part
+of the split, validation predictions are gathered so metrics cover every sample once, and only rank 0 writes files.
+
+Exact resume: the train loader of epoch e is seeded by (seed, e, rank), so an interrupted epoch can be replayed and
+the batches already trained on skipped; model, optimizer, scheduler, scaler, EMA and RNG states come from last.pt.
+SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cxr_fast import constants as C
+from cxr_fast.config import RunConfig, dump_yaml, from_dict
+from cxr_fast.data.loader import create_loader
+from cxr_fast.data.reader import load_manifest
+from cxr_fast.errors import CxrFastError
+from cxr_fast.metrics import best_f1_threshold, macro_auc
+from cxr_fast.training.checkpoint import CheckpointSaver, restore_training, rng_states, training_payload
+from cxr_fast.training.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, resolve_device,
+                                      train_one_epoch, warmup_cosine)
+from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
+from cxr_fast.training.model import create_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where this process runs: its rank among `world` and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    train_images: int
+    steps_per_epoch: int  # optimizer steps
+    batches_per_epoch: int  # micro-batches per rank
+
+    def total_steps(self, epochs: int) -> int:
+        return self.steps_per_epoch * epochs
+
+
+class _StopFlag:
+    """Set by SIGTERM; agreed across ranks at step boundaries so all ranks stop at the same step."""
+
+    def __init__(self, max_steps: int | None, state: TrainState, env: Env):
+        self.requested, self.max_steps, self.state, self.env = False, max_steps, state, env
+        self.reason = ""
+
+    def __call__(self) -> bool:
+        stop = self.requested or (self.max_steps is not None and self.state.step >= self.max_steps)
+        if self.env.distributed:
+            flag = torch.tensor([int(stop)], device="cpu" if dist.get_backend() == "gloo" else self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop and not self.reason:
+            self.reason = "SIGTERM" if self.requested else f"--max-steps {self.max_steps}"
+        return stop
+
+
+def setup_distributed(device_choice: str) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, device)
+
+
+def plan_epochs(cfg: RunConfig, manifest: dict, world: int) -> Plan:
+    """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
+    shuffle)."""
+    n_train = manifest["splits"]["train"]["images"]
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum
+    steps = (n_train // world) // batch // accum
+    if steps < 1:
+        raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world} "
+                           "rank(s); lower --batch-size or --accum")
+    if not manifest["splits"]["val"]["images"]:
+        raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
+    return Plan(n_train, steps, steps * accum)
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2 ** 31)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No weight decay on norms and biases (1-d parameters), as timm does.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_state(cfg: RunConfig, plan: Plan, env: Env, resumed: dict | None) -> TrainState:
+    """Model (weights loaded before any wrapping), EMA, optimizer, schedule and scaler; restored when resuming."""
+    model = create_model(cfg.model, cfg.data.in_chans, pretrained=None if resumed is None else False).to(env.device)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+    train_model = torch.compile(model) if cfg.model.compile else model
+    if env.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    total = plan.total_steps(cfg.optim.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        total, int(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
+    amp_dtype = resolve_amp(cfg.amp, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, cfg.optim.accum, cfg.optim.clip_grad_norm,
+                      ema)
+
+
+class Run:
+    """One training run, epoch by epoch; see `run_training`."""
+
+    def __init__(self, cfg: RunConfig, shards_dir: Path, out_dir: Path, env: Env, resumed: dict | None,
+                 show_progress: bool):
+        self.cfg, self.shards_dir, self.out_dir, self.env = cfg, shards_dir, out_dir, env
+        self.show_progress = show_progress and env.is_main
+        manifest = load_manifest(shards_dir)
+        self.plan = plan_epochs(cfg, manifest, env.world)
+        self.state = build_state(cfg, self.plan, env, resumed)
+        self.best_auc = restore_training(resumed, self.state, env.rank) if resumed is not None else -1.0
+        weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
+            if cfg.optim.class_weighting == "inverse_frequency" else None
+        self.loss_fn = FocalLoss(cfg.optim.focal_gamma, weights).to(env.device)
+        self.saver = CheckpointSaver(out_dir)
+        self.stop = _StopFlag(cfg.max_steps, self.state, env)
+        if resumed is not None:
+            log.info("resuming at epoch %d, step %d", self.state.epoch + 1, self.state.step)
+
+    def start(self) -> None:
+        if not self.env.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(self.cfg, self.out_dir / "config.yaml")
+        p, o = self.plan, self.cfg.optim
+        log.info("training %s on %s (%d rank(s)): %d images, %d steps/epoch of %d x %d x %d, %d epochs",
+                 self.cfg.model.name, self.env.device, self.env.world, p.train_images, p.steps_per_epoch,
+                 o.batch_size, o.accum, self.env.world, o.epochs)
+
+    def save(self, thresholds=None, record=None, best: bool = False) -> None:
+        rng = rng_states()
+        if self.env.distributed:
+            gathered = [None] * self.env.world
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        if self.env.is_main:
+            self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, thresholds, record), best)
+
+    def train_epoch(self) -> tuple[float, bool, float]:
+        """(mean train loss over ranks, whether it stopped early, seconds)."""
+        cfg, env, state = self.cfg, self.env, self.state
+        loader = create_loader(cfg.loader, self.shards_dir, "train", cfg.data, batch_size=cfg.optim.batch_size,
+                               train=True, device=env.device, seed=loader_seed(cfg.seed, state.epoch, env.rank),
+                               rank=env.rank, world_size=env.world)
+        started = time.perf_counter()
+        try:
+            loss, stopped = train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
+                                            self.stop, self.show_progress)
+        except NonFiniteLoss as error:
+            # The weights are those of the last good optimizer step; resuming replays the current one.
+            state.batch_in_epoch -= state.batch_in_epoch % state.accum
+            self.save()
+            raise NonFiniteLoss(f"{error}. The last good state is saved in {self.saver.last}") from None
+        finally:
+            del loader
+        if env.distributed and not stopped:
+            total = torch.tensor([loss], dtype=torch.float64, device=env.device)
+            dist.all_reduce(total)  # in place: on CUDA a `.to(device)` copy would be reduced and dropped
+            loss = float(total.item()) / env.world
+        return loss, stopped, time.perf_counter() - started
+
+    def validate(self) -> tuple[dict, list[float]]:
+        """Metrics of the validation split (every sample once across ranks) and the F1-optimal thresholds."""
+        cfg, env = self.cfg, self.env
+        loader = create_loader(cfg.loader, self.shards_dir, "val", cfg.data, batch_size=cfg.optim.batch_size * 2,
+                               train=False, device=env.device, rank=env.rank, world_size=env.world)
+        model = self.state.ema.module if self.state.ema is not None else self.state.model
+        result = evaluate(model, loader, self.loss_fn, env.device, self.state.amp_dtype, env.distributed,
+                          self.show_progress)
+        auc, per_class = macro_auc(result["targets"], result["probs"])
+        thresholds = [best_f1_threshold(result["targets"][:, c], result["probs"][:, c])
+                      for c in range(C.NUM_CLASSES)]
+        record = {"val_loss": float(result["loss"]), "val_macro_auc": float(auc),
+                  "val_auc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(C.CLASS_NAMES, per_class)},
+                  "val_images": len(result["keys"])}
+        return record, thresholds
+
+    def epoch_end(self, train_loss: float, seconds: float) -> dict:
+        record, thresholds = self.validate()
+        state = self.state
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        record = {"epoch": state.epoch, "step": state.step, "train_loss": float(train_loss), **record,
+                  "lr": float(state.scheduler.get_last_lr()[0]),
+                  "train_images_per_second": self.plan.batches_per_epoch * self.cfg.optim.batch_size * self.env.world
+                  / seconds}
+        improved = record["val_macro_auc"] > self.best_auc
+        self.best_auc = max(self.best_auc, record["val_macro_auc"])
+        if self.env.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUC %.4f%s", state.epoch, train_loss,
+                     record["val_loss"], record["val_macro_auc"], " (best)" if improved else "")
+        self.save(thresholds, record, best=improved)
+        return record
+
+    def loop(self) -> dict:
+        record = None
+        while self.state.epoch < self.cfg.optim.epochs:
+            if self.state.step and self.state.batch_in_epoch == 0 and self.stop():  # last.pt already saved
+                log.info("stopped by %s at step %d (continue with --resume)", self.stop.reason, self.state.step)
+                return {"stopped": self.stop.reason, "step": self.state.step}
+            train_loss, stopped, seconds = self.train_epoch()
+            if stopped:
+                self.save()
+                if self.env.is_main:
+                    log.info("stopped by %s at step %d; saved %s (continue with --resume)", self.stop.reason,
+                             self.state.step, self.saver.last)
+                return {"stopped": self.stop.reason, "step": self.state.step}
+            record = self.epoch_end(train_loss, seconds)
+        return record
+
+
+def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> dict:
+    """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
+    <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml."""
+    out_dir = Path(out_dir)
+    resumed = CheckpointSaver(out_dir).load_last() if resume else None
+    if resumed is not None:  # the run's identity comes from the checkpoint; only how far to go may change
+        cfg = from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
+    env = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    previous_handler = None
+    try:
+        run = Run(cfg, Path(shards_dir), out_dir, env, resumed, show_progress)
+        run.start()
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
+        return run.loop()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
