@@ -18,3 +18,16 @@ def test_unknown_keys_are_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(CxrFastError, match=r"optim: unknown key\(s\) learning_rate"):
         load_yaml(tmp_path / "bad.yaml")
+
+
+def test_cli_defaults_and_help_come_from_the_config():
+    from click.testing import CliRunner
+
+    from cxr_fast.cli import cli
+
+    help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    defaults = RunConfig()
+    for flag, value in (("--lr", defaults.optim.lr), ("--batch-size", defaults.optim.batch_size),
+                        ("--epochs", defaults.optim.epochs), ("--image-size", defaults.data.image_size),
+                        ("--loader", defaults.loader)):
+        assert flag in help_text and f"[default: {value}]" in help_text.split(flag, 1)[1][:400], flag
