@@ -28,6 +28,10 @@ class _Group(click.Group):
         except CxrFastError as error:
             click.echo(f"Error: {error}", err=True)
             sys.exit(2)
+        except OSError as error:  # a full disk, a read-only folder, a file where a folder should be, ...
+            where = f": {error.filename}" if error.filename else ""
+            click.echo(f"Error: {error.strerror or error}{where}", err=True)
+            sys.exit(2)
 
 
 def setting(cls: type, path: str, *decls: str, **kwargs):
@@ -103,14 +107,16 @@ def synth(out: Path, n_images: int, source_size: int, seed: int, workers: int) -
 @setting(ShardConfig, "on_error")
 @setting(ShardConfig, "max_pixels")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel shard writers.")
-def shard(images, labels, out, test_list, train_val_list, workers, **settings) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a complete shard set in --out made with other settings.")
+def shard(images, labels, out, test_list, train_val_list, workers, overwrite, **settings) -> None:
     """Pack images into WebDataset shards with a patient-level split, DALI indexes and manifest.json.
 
     Re-running the same command skips shards that are already complete and correct.
     """
     from cxr_fast.data.writer import write_shards
 
-    manifest = write_shards(images, labels, out, ShardConfig(**settings), workers, test_list, train_val_list)
+    manifest = write_shards(images, labels, out, ShardConfig(**settings), workers, test_list, train_val_list,
+                            overwrite)
     counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
                        for name, s in manifest["splits"].items())
     click.echo(f"{out}: {counts}; {len(manifest['skipped'])} skipped; "
@@ -195,9 +201,10 @@ def _overrides(ctx: click.Context) -> dict:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML with any subset of the run config (see config.yaml of a run); flags override it.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt with its config.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in OUT (its checkpoints and metrics).")
 @_train_options
 @click.pass_context
-def train(ctx, shards, out, config_file, resume, **_settings) -> None:
+def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None:
     """Train a classifier on shards; writes OUT/checkpoints/{best,last}.pt, metrics.jsonl and config.yaml.
 
     \b
@@ -209,7 +216,7 @@ def train(ctx, shards, out, config_file, resume, **_settings) -> None:
 
     config = load_yaml(config_file) if config_file else RunConfig()
     config = replace(config, **_overrides(ctx))
-    record = run_training(config, shards, out, resume=resume)
+    record = run_training(config, shards, out, resume=resume, overwrite=overwrite)
     if record and "val_macro_auc" in record:
         click.echo(f"epoch {record['epoch']}: val macro AUC {record['val_macro_auc']:.4f}; checkpoints in "
                    f"{out / 'checkpoints'}")

@@ -44,15 +44,47 @@ def to_gray8(image: np.ndarray, path: Path | str = "") -> np.ndarray:
     return image
 
 
-def read_gray(path: Path) -> tuple[np.ndarray, bytes, bool]:
-    """Decode a source image. Returns (gray uint8, file bytes, whether the file already is an 8-bit gray PNG)."""
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, read before decoding; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bytes, bool]:
+    """Decode a source image. Returns (gray uint8, file bytes, whether the file already is an 8-bit gray PNG).
+
+    The header's size is checked against `max_pixels` before anything is decoded (a decompression bomb is a
+    small file that claims an enormous image)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadInput(path, f"unreadable ({error.strerror})") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    size = image_dimensions(data)
+    if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise BadInput(path, f"the image claims {size[0]} x {size[1]} pixels, more than --max-pixels {max_pixels}")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    except cv2.error as error:  # OpenCV refuses some sizes and corrupt streams by raising
+        raise BadInput(path, f"not decodable ({str(error).strip().splitlines()[-1][:200]})") from None
     if image is None:
         raise BadInput(path, "not a decodable image (truncated or not an image file)")
+    if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
+        raise BadInput(path, f"the image has {image.shape[1]} x {image.shape[0]} pixels, more than --max-pixels "
+                             f"{max_pixels}")
     is_gray_png = data[:8] == b"\x89PNG\r\n\x1a\n" and image.dtype == np.uint8 and image.ndim == 2
     return to_gray8(image, path), data, is_gray_png
 

@@ -1,7 +1,9 @@
 """Reading the NIH label table (Data_Entry_2017.csv) and the official split lists; label strings to multi-hot.
 
-The table is checked where it enters: missing columns, unknown finding names and duplicate image names are reported
-with the file and the offending rows, as a `CxrFastError`.
+The table is normalised and checked where it enters, once, for every command: image names, patient IDs and finding
+names are trimmed (`" 3"` and `"3"` are one patient; `"Effusion | Mass"` is Effusion and Mass), and missing columns,
+empty cells, unknown or empty finding names, "No Finding" beside a finding, and duplicate image names are reported
+with the file and the offending row, as a `CxrFastError`.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
         raise CxrFastError(f"label table not found: {path}") from None
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise CxrFastError(f"cannot read label table {path}: {error}") from None
-    table = table.loc[:, [c for c in table.columns if not str(c).startswith("Unnamed")]]
+    table.columns = [str(c).strip() for c in table.columns]
+    table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed")]]
     missing = [c for c in C.REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise CxrFastError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(repr, table.columns))}. "
             "Expected the NIH Data_Entry_2017.csv layout."
         )
+    for column in C.REQUIRED_COLUMNS:
+        table[column] = table[column].str.strip().replace("", np.nan)
     empty = table[list(C.REQUIRED_COLUMNS)].isna().any(axis=1)
     if empty.any():
         rows = _row_numbers(empty)
@@ -60,7 +65,7 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
     if duplicated.any():
         names = sorted(set(table.loc[duplicated, C.COL_IMAGE]))
         raise CxrFastError(f"{path}: duplicate image name(s) {', '.join(names[:5])}{' …' if len(names) > 5 else ''}")
-    _check_label_names(table, path)
+    table[C.COL_LABELS] = _canonical_labels(table, path)
     return table.reset_index(drop=True)
 
 
@@ -70,17 +75,25 @@ def _row_numbers(mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + (" …" if int(mask.sum()) > limit else "")
 
 
-def _check_label_names(table: pd.DataFrame, path: Path) -> None:
+def _canonical_labels(table: pd.DataFrame, path: Path) -> pd.Series:
+    """`Finding Labels` with every name trimmed, after checking each name is known and "No Finding" stands alone."""
+    names = table[C.COL_LABELS].str.split("|").map(lambda parts: [part.strip() for part in parts])
     known = set(C.CLASS_NAMES) | {C.NO_FINDING}
-    exploded = table[C.COL_LABELS].str.split("|").explode().str.strip()
+    exploded = names.explode()
     bad = ~exploded.isin(known)
     if bad.any():
         first = exploded[bad].index[0]
-        names = sorted(set(exploded[bad]))
+        shown = sorted(set(exploded[bad]))
         raise CxrFastError(
-            f"{path}: unknown finding name(s) {', '.join(map(repr, names[:5]))} (first in row {first + 2}, "
+            f"{path}: unknown finding name(s) {', '.join(map(repr, shown[:5]))} (first in row {first + 2}, "
             f"image {table.at[first, C.COL_IMAGE]}); known: {', '.join(C.CLASS_NAMES)} and {C.NO_FINDING!r}"
         )
+    mixed = names.map(lambda parts: C.NO_FINDING in parts and len(parts) > 1)
+    if mixed.any():
+        first = int(np.flatnonzero(mixed.to_numpy())[0])
+        raise CxrFastError(f"{path}: row {first + 2} (image {table.at[first, C.COL_IMAGE]}) says {C.NO_FINDING!r} "
+                           "beside a finding")
+    return names.map("|".join)
 
 
 def multi_hot(table: pd.DataFrame) -> np.ndarray:

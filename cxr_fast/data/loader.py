@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -126,9 +127,12 @@ def _collate(images, labels, keys):
     return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(labels)), keys
 
 
-def _one_thread_per_worker(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     # Parallelism comes from the workers; OpenCV's own thread pool inside each would oversubscribe the cores.
     cv2.setNumThreads(1)
+    # SIGTERM goes to the whole process group on preemption (SLURM): the workers must outlive it so that the main
+    # process can finish its step (or validation) and save last.pt; they end when the main process closes them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Loader:
@@ -153,7 +157,7 @@ class TorchLoader(_Loader):
         dataset = ShardDataset(tars, lo, hi, batch_size, cfg, train, seed)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-            prefetch_factor=2 if workers else None, worker_init_fn=_one_thread_per_worker,
+            prefetch_factor=2 if workers else None, worker_init_fn=_init_worker,
             persistent_workers=workers > 0,  # iterating again (the next epoch) keeps the workers
             # Its own generator: the DataLoader draws a seed per iteration, which must not advance the global RNG
             # (dropout's): a resumed run creates its loader at another step than the uninterrupted run did.

@@ -20,7 +20,7 @@ def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
     """The problems found, each naming its shard; an empty list means all is well."""
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
-    problems = []
+    problems = _check_counts(shards_dir, manifest)
     for name, record in tqdm(manifest["shards"].items(), desc="verify", unit="shard"):
         tar, idx = shards_dir / name, shards_dir / record["index"]
         if not tar.exists() or not idx.exists():
@@ -30,13 +30,39 @@ def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
             problems.append(f"{name}: sha256 differs from the manifest (the file changed or is damaged)")
             continue
         try:
-            if idx.read_text() != dali_index(tar):
-                problems.append(f"{name}: index {idx.name} does not match the tar")
+            index = dali_index(tar)
         except (CxrFastError, tarfile.TarError, OSError) as error:
             problems.append(f"{name}: unreadable tar ({error})")
             continue
+        if idx.read_text() != index:
+            problems.append(f"{name}: index {idx.name} does not match the tar")
+        count = int(index.split(maxsplit=2)[1])  # "v1.2 N" heads the index
+        if count != record["samples"]:
+            problems.append(f"{name}: holds {count} samples, the manifest says {record['samples']}")
         if deep:
             problems += [f"{name}: {p}" for p in _check_samples(tar, record)]
+    return problems
+
+
+def _check_counts(shards_dir: Path, manifest: dict) -> list[str]:
+    """The manifest agrees with itself (split totals, key lists) and with the folders (no stray shard files)."""
+    problems = []
+    for split, summary in manifest["splits"].items():
+        records = [manifest["shards"].get(name) for name in summary["shards"]]
+        if None in records:
+            problems.append(f"{split}: lists a shard the manifest does not describe")
+            continue
+        total = sum(record["samples"] for record in records)
+        if total != summary["images"]:
+            problems.append(f"{split}: the manifest claims {summary['images']} images, its shards hold {total}")
+        for name, record in zip(summary["shards"], records):
+            if len(record["keys"]) != record["samples"]:
+                problems.append(f"{name}: {len(record['keys'])} keys listed for {record['samples']} samples")
+        known = set(summary["shards"]) | {manifest["shards"][n]["index"] for n in summary["shards"]}
+        folder = shards_dir / split
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if f"{split}/{path.name}" not in known:
+                problems.append(f"{split}/{path.name}: stray file, not in the manifest")
     return problems
 
 

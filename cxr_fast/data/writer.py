@@ -35,14 +35,14 @@ from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.codec import ID_BYTES, IMAGE_EXT, IMAGE_SUFFIXES, BadInput, encode_id, encode_image, read_gray
 from cxr_fast.data.labels import multi_hot, read_label_table, read_split_list
-from cxr_fast.data.reader import FORMAT_VERSION, MANIFEST
+from cxr_fast.data.reader import FORMAT_VERSION
+from cxr_fast.data.shard_folder import ShardFolder
 from cxr_fast.data.split import plan_split, split_summary
 from cxr_fast.data.tario import add_member, dali_index, sha256_file
 from cxr_fast.errors import CxrFastError
+from cxr_fast.files import folder_lock
 
 log = logging.getLogger(__name__)
-
-PROGRESS = ".progress.json"
 
 
 def _write_shard(job: dict) -> dict:
@@ -55,7 +55,7 @@ def _write_shard(job: dict) -> dict:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
                 try:
-                    gray, data, is_gray_png = read_gray(Path(sample["path"]))
+                    gray, data, is_gray_png = read_gray(Path(sample["path"]), spec.max_pixels)
                 except BadInput as bad:
                     if spec.on_error == "fail":
                         raise
@@ -158,29 +158,6 @@ def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], s
     return jobs
 
 
-# ---------------------------------------------------------------------------------------------------- the command
-def _load_state(out: Path) -> dict:
-    """Records of finished shards, from an interrupted run's progress file or a finished run's manifest."""
-    for name in (PROGRESS, MANIFEST):
-        try:
-            return json.loads((out / name).read_text())["shards"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return {}
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
-def _is_done(job: dict, record: dict | None) -> bool:
-    tar, idx = Path(job["tar"]), Path(job["idx"])
-    return (record is not None and record.get("digest") == job["digest"] and tar.exists() and idx.exists()
-            and sha256_file(tar) == record["sha256"])
-
-
 def write_shards(
     images_dir: str | Path,
     labels_path: str | Path,
@@ -189,6 +166,7 @@ def write_shards(
     workers: int = 1,
     test_list: str | Path | None = None,
     train_val_list: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """The `cxr-fast shard` command. Returns the manifest."""
     images_dir, labels_path, out = Path(images_dir), Path(labels_path), Path(out)
@@ -201,18 +179,16 @@ def write_shards(
         log.warning("%d image(s) are in neither split list and are left out", not_listed)
         skipped += [{"file": str(found[n]), "reason": "in neither official split list"}
                     for n in table.loc[split == "", C.COL_IMAGE]]
-
     jobs = plan_shards(table, split, found, spec, out)
-    for split_name in C.SPLITS:
-        (out / split_name).mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, {job["name"] for job in jobs})
-    done = _run_jobs(jobs, out, workers)
-    for record in done.values():
-        skipped += record["skipped"]
-    manifest = _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source,
-                         rows_without_image, skipped)
-    _atomic_json(out / MANIFEST, manifest)
-    (out / PROGRESS).unlink(missing_ok=True)
+    with folder_lock(out, "shards"):
+        folder = ShardFolder(out, overwrite)
+        folder.claim()
+        done = _run_jobs(jobs, folder, workers)
+        for record in done.values():
+            skipped += record["skipped"]
+        manifest = _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source,
+                             rows_without_image, skipped)
+        folder.finish(manifest)
     return manifest
 
 
@@ -237,58 +213,30 @@ def _inputs(images_dir: Path, labels_path: Path, spec: ShardConfig):
     return table[present].reset_index(drop=True), found, skipped, rows_without_image
 
 
-def _run_jobs(jobs: list[dict], out: Path, workers: int) -> dict:
+def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
     """Write the shards not already complete and correct, in parallel; their records by name."""
-    state = _load_state(out)
-    done = {job["name"]: state[job["name"]] for job in jobs if _is_done(job, state.get(job["name"]))}
+    done = folder.prepare(jobs)
     todo = [job for job in jobs if job["name"] not in done]
     if done:
         log.info("resuming: %d of %d shard(s) already complete and correct", len(done), len(jobs))
     progress = tqdm(total=sum(len(j["samples"]) for j in jobs), desc="shard", unit="img",
                     initial=sum(len(j["samples"]) for j in jobs if j["name"] in done))
+    existed = {path for job in todo for path in (job["tar"], job["idx"]) if Path(path).exists()}
+    written = set()
     try:
         with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(todo) or 1))) as pool:
             for record in pool.imap_unordered(_write_shard, todo):
                 done[record["name"]] = record
-                _atomic_json(out / PROGRESS, {"shards": done})
+                written.add(record["name"])
+                folder.save_progress(done)
                 progress.update(len(record["keys"]) + len(record["skipped"]))
     except BadInput as bad:  # the pool is terminated by now: no worker can still be writing
-        _remove_written(out, todo, had_progress=bool(state))
-        raise CxrFastError(f"{bad.path}: {bad.reason}. The shards of this run were removed; fix or remove the file, "
-                           "or use --on-error skip to leave such inputs out") from None
+        folder.undo(todo, existed, written)
+        raise CxrFastError(f"{bad.path}: {bad.reason}. The shards this run wrote were removed; fix or remove the "
+                           "file, or use --on-error skip to leave such inputs out") from None
     finally:
         progress.close()
     return done
-
-
-def _remove_stale(out: Path, planned: set[str]) -> None:
-    """Shards of an earlier plan (other shard size, other data) and temporary files of a killed run."""
-    for split_name in C.SPLITS:
-        for path in (out / split_name).iterdir():
-            name = f"{split_name}/{path.name}"
-            if path.name.endswith(".tmp") or (path.name.startswith("shard-") and
-                                              name.rsplit(".", 1)[0] + ".tar" not in planned):
-                log.info("removing stale %s", path)
-                path.unlink()
-
-
-def _remove_written(out: Path, jobs: list[dict], had_progress: bool) -> None:
-    """Undo a failed run: every shard it was to write (finished or not); shards of earlier runs stay."""
-    for job in jobs:
-        for path in (Path(job["tar"]), Path(job["idx"])):
-            path.unlink(missing_ok=True)
-            path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
-    if not had_progress:
-        (out / PROGRESS).unlink(missing_ok=True)
-        for split_name in C.SPLITS:
-            try:
-                (out / split_name).rmdir()
-            except OSError:
-                pass
-        try:
-            out.rmdir()
-        except OSError:
-            pass
 
 
 def _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source, rows_without_image, skipped):

@@ -11,9 +11,11 @@ SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from cxr_fast.config import RunConfig, dump_yaml, from_dict
 from cxr_fast.data.loader import create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
+from cxr_fast.files import folder_lock
 from cxr_fast.metrics import best_f1_threshold, macro_auc
 from cxr_fast.training.checkpoint import CheckpointSaver, restore_training, rng_states, training_payload
 from cxr_fast.training.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, resolve_device,
@@ -164,10 +167,16 @@ class Run:
         if resumed is not None:
             log.info("resuming at epoch %d, step %d", self.state.epoch + 1, self.state.step)
 
-    def start(self) -> None:
+    def start(self, replaced: list[Path]) -> None:
+        """Write the run's config (and remove the files of the run it replaces: the checks have passed)."""
         if not self.env.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for path in replaced:
+            log.info("--overwrite: removing %s", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         dump_yaml(self.cfg, self.out_dir / "config.yaml")
         p, o = self.plan, self.cfg.optim
         log.info("training %s on %s (%d rank(s)): %d images, %d steps/epoch of %d x %d x %d, %d epochs",
@@ -258,25 +267,43 @@ class Run:
         return record
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "curves.png", "tensorboard")
+
+
+def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """The earlier run's files that --overwrite will replace; an occupied folder without --resume or --overwrite is
+    an error, so a finished run is never replaced by accident. Files other than a run's are left alone."""
+    if resume and overwrite:
+        raise CxrFastError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    existing = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not resume and not overwrite:
+        raise CxrFastError(f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}); continue it with "
+                           "--resume, replace it with --overwrite, or choose another --out")
+    return existing if overwrite else []
+
+
 def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, overwrite: bool = False) -> dict:
     """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
-    <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml."""
+    <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder."""
     out_dir = Path(out_dir)
-    resumed = CheckpointSaver(out_dir).load_last() if resume else None
-    if resumed is not None:  # the run's identity comes from the checkpoint; only how far to go may change
-        cfg = from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
-    env = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed + env.rank)
-    np.random.seed(cfg.seed + env.rank)
-    previous_handler = None
-    try:
-        run = Run(cfg, Path(shards_dir), out_dir, env, resumed, show_progress)
-        run.start()
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
-        return run.loop()
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        if env.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(out_dir, "a training run") if is_main else contextlib.nullcontext():
+        replaced = claim_run_folder(out_dir, resume, overwrite) if is_main else []
+        resumed = CheckpointSaver(out_dir).load_last() if resume else None
+        if resumed is not None:  # the run's identity comes from the checkpoint; only how far to go may change
+            cfg = from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
+        env = setup_distributed(cfg.device)
+        torch.manual_seed(cfg.seed + env.rank)
+        np.random.seed(cfg.seed + env.rank)
+        previous_handler = None
+        try:
+            run = Run(cfg, Path(shards_dir), out_dir, env, resumed, show_progress)
+            run.start(replaced)
+            previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
+            return run.loop()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            if env.distributed and dist.is_initialized():
+                dist.destroy_process_group()

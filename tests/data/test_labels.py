@@ -71,3 +71,23 @@ def test_gzipped_table_reads(tmp_path):
     packed = tmp_path / "t.csv.gz"
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert read_label_table(packed)["Image Index"].tolist() == ["a.png"]
+
+
+def test_whitespace_is_trimmed_where_the_table_enters(tmp_path):
+    rows = [(" a.png", "Effusion | Mass", " 3"), ("b.png ", " Cardiomegaly", "3"), ("c.png", "No Finding ", "4 ")]
+    table = read_label_table(_table(tmp_path, rows))
+    assert table["Image Index"].tolist() == ["a.png", "b.png", "c.png"]
+    assert table["Patient ID"].tolist() == ["3", "3", "4"]  # one patient, not two
+    assert table["Finding Labels"].tolist() == ["Effusion|Mass", "Cardiomegaly", "No Finding"]
+    labels = multi_hot(table)
+    np.testing.assert_array_equal(labels, np.stack([parse_finding_labels(r[1]) for r in rows]))
+    assert labels[0].sum() == 2 and labels[1].sum() == 1  # nothing silently lost
+
+
+@pytest.mark.parametrize("text, message", [("Mass|", "unknown finding name(s) ''"),
+                                           ("No Finding|Mass", "says 'No Finding' beside a finding"),
+                                           ("   ", "empty Image Index/Finding Labels/Patient ID in row(s) 2")])
+def test_malformed_label_strings_are_refused(tmp_path, text, message):
+    with pytest.raises(CxrFastError) as error:
+        read_label_table(_table(tmp_path, [("a.png", text, 1)]))
+    assert message in str(error.value)

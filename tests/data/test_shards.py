@@ -17,7 +17,8 @@ from cxr_fast.data.codec import decode_id, decode_image
 from cxr_fast.data.reader import MANIFEST, load_manifest
 from cxr_fast.data.tario import dali_index
 from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import PROGRESS, write_shards
+from cxr_fast.data.shard_folder import PROGRESS
+from cxr_fast.data.writer import write_shards
 
 
 def _source_gray(image_index):

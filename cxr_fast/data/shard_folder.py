@@ -1,0 +1,114 @@
+"""The output folder of `cxr-fast shard`: what may already be there, what a run may remove, and its progress.
+
+A run writes into an empty folder, finishes an interrupted run of its own (`.progress.json`), or finds a complete
+shard set (`manifest.json`): the same plan is kept (damaged or missing shards are rewritten), another plan is
+refused unless `--overwrite`. Files cxr-fast did not write are never touched: a folder holding any is refused. A
+failed run removes what it wrote, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from cxr_fast import constants as C
+from cxr_fast.data.reader import MANIFEST
+from cxr_fast.data.tario import sha256_file
+from cxr_fast.errors import CxrFastError
+from cxr_fast.files import atomic_json
+
+log = logging.getLogger(__name__)
+
+PROGRESS = ".progress.json"
+_SHARD_FILE = re.compile(r"shard-\d{6}\.(tar|idx)(\.tmp)?")
+
+
+class ShardFolder:
+    def __init__(self, out: Path, overwrite: bool = False):
+        self.out, self.overwrite = out, overwrite
+        self.records: dict = {}  # of shards finished before this run (interrupted run or complete set)
+        self.complete: dict | None = None  # the manifest of a complete set found here
+
+    def _ours(self, path: Path) -> bool:
+        relative = path.relative_to(self.out).parts
+        if len(relative) == 1:
+            return relative[0] in (MANIFEST, PROGRESS, MANIFEST + ".tmp", PROGRESS + ".tmp", *C.SPLITS)
+        return len(relative) == 2 and relative[0] in C.SPLITS and bool(_SHARD_FILE.fullmatch(relative[1]))
+
+    def claim(self) -> None:
+        """Check what is in the folder before any work: only cxr-fast's own files, readable state."""
+        foreign = sorted(str(p.relative_to(self.out)) for p in self.out.rglob("*") if not self._ours(p))
+        if foreign:
+            raise CxrFastError(f"{self.out} holds files cxr-fast did not write ({', '.join(foreign[:3])}"
+                               f"{' …' if len(foreign) > 3 else ''}); choose an empty or new --out")
+        for name in (PROGRESS, MANIFEST):
+            path = self.out / name
+            if not path.exists():
+                continue
+            try:
+                state = json.loads(path.read_text())
+                self.records = dict(state["shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CxrFastError(f"{path} is unreadable or not cxr-fast's; remove it or choose another --out") \
+                    from None
+            if name == MANIFEST:
+                self.complete = state
+            return
+
+    def prepare(self, jobs: list[dict]) -> dict:
+        """Make room for the plan; returns the records of shards already complete and correct."""
+        planned = {job["name"]: job for job in jobs}
+        if self.complete is not None:
+            same_plan = set(self.records) == set(planned) and all(
+                self.records[name].get("digest") == job["digest"] for name, job in planned.items())
+            if not same_plan and not self.overwrite:
+                raise CxrFastError(f"{self.out} holds a complete shard set made with other settings or data; pass "
+                                   "--overwrite to replace it, or choose another --out")
+            if not same_plan:
+                log.info("--overwrite: removing the shard set in %s", self.out)
+                (self.out / MANIFEST).unlink()
+                self.records = {}
+        for split in C.SPLITS:
+            (self.out / split).mkdir(parents=True, exist_ok=True)
+            for path in (self.out / split).iterdir():
+                stale = f"{split}/{path.name.split('.')[0]}.tar" not in planned
+                if _SHARD_FILE.fullmatch(path.name) and (stale or path.name.endswith(".tmp")):
+                    log.info("removing stale %s", path)
+                    path.unlink()
+        return {name: self.records[name] for name, job in planned.items()
+                if _is_done(job, self.records.get(name))}
+
+    def save_progress(self, done: dict) -> None:
+        atomic_json(self.out / PROGRESS, {"shards": done})
+
+    def undo(self, attempted: list[dict], existed: set[str], written: set[str]) -> None:
+        """Remove what a failed run wrote: shards it finished (`written`), shards a worker finished as the run was
+        stopped (any planned file that did not exist before), temporary files; earlier work and its state stay."""
+        for job in attempted:
+            for path in (job["tar"], job["idx"]):
+                if job["name"] in written or path not in existed:
+                    Path(path).unlink(missing_ok=True)
+                Path(path + ".tmp").unlink(missing_ok=True)
+        if self.complete is not None:
+            return
+        if self.records:
+            self.save_progress(self.records)
+            return
+        (self.out / PROGRESS).unlink(missing_ok=True)
+        for path in [*(self.out / split for split in C.SPLITS), self.out]:
+            try:
+                path.rmdir()  # only if empty
+            except OSError:
+                pass
+
+    def finish(self, manifest: dict) -> None:
+        atomic_json(self.out / MANIFEST, manifest)
+        (self.out / PROGRESS).unlink(missing_ok=True)
+
+
+def _is_done(job: dict, record: dict | None) -> bool:
+    tar, idx = Path(job["tar"]), Path(job["idx"])
+    return (record is not None and record.get("digest") == job["digest"] and tar.exists() and idx.exists()
+            and sha256_file(tar) == record["sha256"])

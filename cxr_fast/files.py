@@ -1,0 +1,57 @@
+"""Output folders that are safe to write: one writer at a time (an advisory lock), atomic small files, and the
+filesystem's errors turned into messages that name the path."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+
+from cxr_fast.errors import CxrFastError
+
+log = logging.getLogger(__name__)
+
+
+def make_folder(path: Path) -> Path:
+    """`path` as a folder that exists, or a CxrFastError saying why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise CxrFastError(f"{path} is a file, not a folder: choose another output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CxrFastError(f"cannot create folder {path}: {error.strerror or error}") from None
+    return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str):
+    """Hold an exclusive lock on `folder` itself (flock on the directory) while the block runs: a second cxr-fast
+    process writing `what` there gets an error instead of interleaving with this one. The lock goes with the
+    process, so a killed run leaves none behind, and no lock file is left in the folder."""
+    make_folder(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CxrFastError(f"{folder} is in use: another cxr-fast process is writing {what} there. Wait for it "
+                               "to finish, or choose another output folder") from None
+        except OSError as error:  # a filesystem without flock on folders (some network mounts)
+            log.warning("cannot lock %s (%s); make sure no other process writes there", folder, error.strerror)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def atomic_json(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename: readers see the old or the new file, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CxrFastError(f"cannot write {path}: {error.strerror or error}") from None
