@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -130,9 +129,10 @@ def _collate(images, labels, keys):
 def _init_worker(_worker_id: int) -> None:
     # Parallelism comes from the workers; OpenCV's own thread pool inside each would oversubscribe the cores.
     cv2.setNumThreads(1)
-    # SIGTERM goes to the whole process group on preemption (SLURM): the workers must outlive it so that the main
-    # process can finish its step (or validation) and save last.pt; they end when the main process closes them.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own: a SIGTERM sent to the job's group on preemption reaches the main process, which
+    # finishes its step and saves last.pt with the workers still serving it (a signal to each process is handled
+    # there too: the run stops at its last optimizer step).
+    os.setpgid(0, 0)
 
 
 class _Loader:

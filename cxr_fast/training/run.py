@@ -192,28 +192,31 @@ class Run:
         if self.env.is_main:
             self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, thresholds, record), best)
 
-    def train_epoch(self) -> tuple[float, bool, float]:
-        """(mean train loss over ranks, whether it stopped early, seconds)."""
+    def train_epoch(self) -> tuple[bool, float | None]:
+        """Train the rest of the current epoch: (whether it stopped early, training images/s of this call)."""
         cfg, env, state = self.cfg, self.env, self.state
         loader = create_loader(cfg.loader, self.shards_dir, "train", cfg.data, batch_size=cfg.optim.batch_size,
                                train=True, device=env.device, seed=loader_seed(cfg.seed, state.epoch, env.rank),
                                rank=env.rank, world_size=env.world)
-        started = time.perf_counter()
+        started, first = time.perf_counter(), state.batch_in_epoch
         try:
-            loss, stopped = train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
-                                            self.stop, self.show_progress)
+            _loss, stopped = train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
+                                             self.stop, self.show_progress)
         except NonFiniteLoss as error:
             # The weights are those of the last good optimizer step; resuming replays the current one.
             state.batch_in_epoch -= state.batch_in_epoch % state.accum
             self.save()
             raise NonFiniteLoss(f"{error}. The last good state is saved in {self.saver.last}") from None
+        except Exception as error:
+            if not self.stop.requested:
+                raise
+            # Preemption can reach the loader's workers too: stop at the last optimizer step, as for SIGTERM alone.
+            log.warning("the loader failed after SIGTERM (%s); stopping at step %d", type(error).__name__, state.step)
+            return True, None
         finally:
             del loader
-        if env.distributed and not stopped:
-            total = torch.tensor([loss], dtype=torch.float64, device=env.device)
-            dist.all_reduce(total)  # in place: on CUDA a `.to(device)` copy would be reduced and dropped
-            loss = float(total.item()) / env.world
-        return loss, stopped, time.perf_counter() - started
+        images = (state.batch_in_epoch - first) * cfg.optim.batch_size * env.world
+        return stopped, images / (time.perf_counter() - started)
 
     def validate(self) -> tuple[dict, list[float]]:
         """Metrics of the validation split (every sample once across ranks) and the F1-optimal thresholds."""
@@ -231,15 +234,24 @@ class Run:
                   "val_images": len(result["keys"])}
         return record, thresholds
 
-    def epoch_end(self, train_loss: float, seconds: float) -> dict:
+    def train_loss(self) -> float:
+        """Mean loss of the epoch's micro-batches, over all ranks."""
+        history = self.state.history
+        loss = history["loss_sum"] / max(1, history["loss_count"])
+        if self.env.distributed:
+            total = torch.tensor([loss], dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(total)  # in place: on CUDA a `.to(device)` copy would be reduced and dropped
+            loss = float(total.item()) / self.env.world
+        return loss
+
+    def epoch_end(self, images_per_second: float | None) -> dict:
+        train_loss = self.train_loss()
         record, thresholds = self.validate()
         state = self.state
         state.epoch += 1
         state.batch_in_epoch = 0
-        record = {"epoch": state.epoch, "step": state.step, "train_loss": float(train_loss), **record,
-                  "lr": float(state.scheduler.get_last_lr()[0]),
-                  "train_images_per_second": self.plan.batches_per_epoch * self.cfg.optim.batch_size * self.env.world
-                  / seconds}
+        record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, **record,
+                  "lr": float(state.scheduler.get_last_lr()[0]), "train_images_per_second": images_per_second}
         improved = record["val_macro_auc"] > self.best_auc
         self.best_auc = max(self.best_auc, record["val_macro_auc"])
         if self.env.is_main:
@@ -250,20 +262,31 @@ class Run:
         self.save(thresholds, record, best=improved)
         return record
 
+    def stopped(self) -> dict:
+        self.save()
+        if self.env.is_main:
+            log.info("stopped by %s at step %d; saved %s (continue with --resume)", self.stop.reason or "SIGTERM",
+                     self.state.step, self.saver.last)
+        return {"stopped": self.stop.reason or "SIGTERM", "step": self.state.step}
+
     def loop(self) -> dict:
         record = None
         while self.state.epoch < self.cfg.optim.epochs:
             if self.state.step and self.state.batch_in_epoch == 0 and self.stop():  # last.pt already saved
                 log.info("stopped by %s at step %d (continue with --resume)", self.stop.reason, self.state.step)
                 return {"stopped": self.stop.reason, "step": self.state.step}
-            train_loss, stopped, seconds = self.train_epoch()
-            if stopped:
-                self.save()
-                if self.env.is_main:
-                    log.info("stopped by %s at step %d; saved %s (continue with --resume)", self.stop.reason,
-                             self.state.step, self.saver.last)
-                return {"stopped": self.stop.reason, "step": self.state.step}
-            record = self.epoch_end(train_loss, seconds)
+            rate = None
+            if self.state.batch_in_epoch < self.plan.batches_per_epoch:  # else: trained, stopped in validation
+                stopped, rate = self.train_epoch()
+                if stopped:
+                    return self.stopped()
+            try:
+                record = self.epoch_end(rate)
+            except Exception:
+                if not self.stop.requested:
+                    raise
+                log.warning("validation failed after SIGTERM; the epoch's training is saved, validation will rerun")
+                return self.stopped()
         return record
 
 
