@@ -173,7 +173,8 @@ def preview(shards, split, backend, augment, n, image_size, seed, out) -> None:
 
 _TRAIN_SETTINGS = ("model.name", "model.pretrained", "model.weights", "model.compile", "data.image_size",
                    "data.in_chans", "data.workers", "optim.batch_size", "optim.accum", "optim.epochs", "optim.lr",
-                   "optim.ema_decay", "device", "loader", "amp", "seed", "max_steps")
+                   "optim.ema_decay", "optim.effective_batch", "device", "loader", "amp", "seed", "max_steps",
+                   "tensorboard")
 
 
 def _train_options(command):
@@ -214,9 +215,14 @@ def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None
     from cxr_fast.config import load_yaml, replace
     from cxr_fast.training.run import run_training
 
-    config = load_yaml(config_file) if config_file else RunConfig()
-    config = replace(config, **_overrides(ctx))
-    record = run_training(config, shards, out, resume=resume, overwrite=overwrite)
+    changes = _overrides(ctx)
+    if resume:  # the run's own config, with the changes a resume may make (checked there)
+        if config_file:
+            raise click.UsageError("--config sets up a new run; --resume continues the one in --out with its config")
+        record = run_training(RunConfig(), shards, out, resume=True, changes=changes)
+    else:
+        config = load_yaml(config_file) if config_file else RunConfig()
+        record = run_training(replace(config, **changes), shards, out, overwrite=overwrite)
     if record and "val_macro_auc" in record:
         click.echo(f"epoch {record['epoch']}: val macro AUC {record['val_macro_auc']:.4f}; checkpoints in "
                    f"{out / 'checkpoints'}")
@@ -294,7 +300,7 @@ def bench_loader_command(shards, split, backend, dali_cpu, batch_size, batches, 
               help="Needed with --data auto, dali or torch.")
 @setting(RunConfig, "model.name")
 @setting(RunConfig, "data.image_size")
-@setting(RunConfig, "optim.batch_size")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Micro-batch.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @setting(RunConfig, "amp")

@@ -67,6 +67,12 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
+    if base == "int | str":  # a count or "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
     if base == "tuple[float, float]":
         pair = list(value) if isinstance(value, (list, tuple)) else None
         if pair is None or len(pair) != 2:
@@ -214,8 +220,12 @@ class OptimConfig(_Checked):
     SECTION: ClassVar[str] = "optim"
     lr: float = setting(1e-4, "Peak AdamW learning rate (warm-up, then cosine).", flag="--lr", gt=0, le=1)
     weight_decay: float = setting(0.05, "AdamW weight decay (not on norms and biases).", ge=0, le=1)
-    batch_size: int = setting(4, "Images per device and micro-step.", flag="--batch-size", ge=1)
-    accum: int = setting(8, "Micro-steps per optimizer step: 4 x 8 = 32 images per step.", flag="--accum", ge=1)
+    batch_size: int | str = setting("auto", "Images per device and micro-step; auto: the largest of 32, 16, 8, ... "
+                                    "that fits the GPU (probed; 32 on the CPU).", flag="--batch-size")
+    accum: int | str = setting("auto", "Micro-steps per optimizer step; auto: --effective-batch / --batch-size "
+                               "(the seed's 4 x 8 is --batch-size 4).", flag="--accum")
+    effective_batch: int = setting(32, "Images per optimizer step and device, when --accum is auto.",
+                                   flag="--effective-batch", ge=1)
     epochs: int = setting(25, "Epochs.", flag="--epochs", ge=1)
     warmup_fraction: float = setting(0.03, "Share of all optimizer steps with a linear warm-up from 0.", ge=0, lt=1)
     min_lr_ratio: float = setting(0.01, "The cosine ends at lr x this.", ge=0, le=1)
@@ -224,6 +234,18 @@ class OptimConfig(_Checked):
     class_weighting: str = setting("inverse_frequency", "Per-class loss weights.",
                                    choices=("inverse_frequency", "none"))
     ema_decay: float = setting(0.0, "EMA decay of the weights (0: off).", flag="--ema", ge=0, lt=1)
+
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("batch_size", "accum"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"optim.{name} (--{name.replace('_', '-')}) must be auto or a whole number >= 1, "
+                                  f"got {value!r}")
+        if self.accum == "auto" and isinstance(self.batch_size, int) and self.effective_batch % self.batch_size:
+            raise ConfigError(f"--effective-batch {self.effective_batch} is not a multiple of --batch-size "
+                              f"{self.batch_size}; give --accum")
 
 
 @dataclass(frozen=True)
@@ -240,6 +262,7 @@ class RunConfig(_Checked):
                        "the CPU.", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
     max_steps: int | None = setting(None, "Stop after N optimizer steps (the schedule is kept).",
                                     flag="--max-steps", ge=1)
+    tensorboard: bool = setting(False, "Also write TensorBoard scalars to OUT/tensorboard/.", flag="--tensorboard")
 
 
 def describe(cls: type, path: str) -> tuple[Any, dataclasses.Field]:

@@ -210,8 +210,8 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["train", "--batch-size", "0"], "optim.batch_size (--batch-size) must be >= 1"),
-    (["train", "--accum", "0"], "optim.accum (--accum) must be >= 1"),
+    (["train", "--batch-size", "0"], "optim.batch_size (--batch-size) must be auto or a whole number >= 1"),
+    (["train", "--accum", "0"], "optim.accum (--accum) must be auto or a whole number >= 1"),
     (["train", "--lr", "-1"], "optim.lr (--lr) must be > 0"),
     (["train", "--epochs", "0"], "optim.epochs (--epochs) must be >= 1"),
     (["train", "--image-size", "7"], "data.image_size (--image-size) must be >= 32"),

@@ -7,8 +7,9 @@ it is made, most valuable first, so a run cut off by its time limit keeps everyt
                cudnn.benchmark.
   3. loader    the DALI GPU pipeline (PNG, JPEG, JPEG with hw_decoder_load 0.95) and the torch baseline, the same
                thread/worker count, steady state: images/s and CPU core-ms per image.
-  4. e2e       the trainer fed by the DALI GPU loader (data wait per micro-batch) and `cxr-fast train` itself for
-               one epoch, at 4 x 8 and at 32 x 1.
+  4. fed       the trainer fed by the DALI GPU loader (data wait per micro-batch) at 4 x 8 and the best.
+     train     `cxr-fast train` itself for one epoch, at --batch-size auto and at the seed's 4 (x 8).
+     cli       `cxr-fast bench loader --loader auto` and `cxr-fast bench train` as shipped.
   5. compile   torch.compile at the best micro-batch: compile seconds and images/s.
 
 --rehearse runs every step on the CPU with a tiny model and a few images (DALI's GPU variants are skipped there).
@@ -291,27 +292,47 @@ def fed_trainer(shards_dir: Path, model_name: str, image_size: int, mb: int, acc
     _free()
 
 
-def train_epoch(shards_dir: Path, work: Path, model_name: str, image_size: int, mb: int, accum: int, workers: int,
+def train_epoch(shards_dir: Path, work: Path, model_name: str, image_size: int, mb, workers: int,
                 record: Recorder) -> None:
-    """`cxr-fast train` (run_training) for one epoch with the DALI loader: images/s as metrics.jsonl records it."""
+    """`cxr-fast train` (run_training) for one epoch with the DALI loader: its metrics.jsonl record."""
+    import shutil
+
+    import yaml
+
     from cxr_fast.training.run import run_training
 
     _free()
-    cfg = RunConfig()
-    cfg = replace(cfg, loader="dali", amp="bf16" if CUDA else "off", **{
+    cfg = replace(RunConfig(), loader="auto", amp="bf16" if CUDA else "off", **{
         "model.name": model_name, "model.pretrained": False, "data.image_size": image_size,
-        "data.num_threads": workers, "optim.batch_size": mb, "optim.accum": accum, "optim.epochs": 1})
-    out = work / f"train-{mb}x{accum}"
+        "data.workers": workers, "optim.batch_size": mb, "optim.epochs": 1})
+    out = work / f"train-{mb}"
     started = time.perf_counter()
-    result = run_training(cfg, shards_dir, out, show_progress=False)
+    result = run_training(cfg, shards_dir, out, show_progress=False, overwrite=True)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["optim"]
     record("e2e", kind="cxr-fast train, one epoch (run_training)", model=model_name, image_size=image_size,
-           micro_batch=mb, accum=accum, train_images_per_second=result["train_images_per_second"],
-           wall_seconds=time.perf_counter() - started, val_images=result["val_images"],
-           peak_memory_gib=_peak_gib(), workers=workers)
-    import shutil
-
+           batch_size_flag=mb, micro_batch=resolved["batch_size"], accum=resolved["accum"],
+           wall_seconds=time.perf_counter() - started, workers=workers,
+           **{k: result.get(k) for k in ("train_images_per_second", "data_wait_fraction", "peak_gpu_memory_gib",
+                                          "val_images")})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ConvNeXt-L checkpoints are 2.4 GB each
     _free()
+
+
+def cli_benchmarks(shards: dict[str, Path], work: Path, model_name: str, image_size: int, mb: int,
+                   record: Recorder) -> None:
+    """The shipped commands: `cxr-fast bench loader --loader auto` and `cxr-fast bench train`."""
+    import subprocess
+
+    commands = {"bench loader auto png": ["bench", "loader", "--shards", str(shards["png"]), "--loader", "auto",
+                                          "--image-size", str(image_size), "--batches", "40"],
+                "bench train": ["bench", "train", "--model", model_name, "--image-size", str(image_size),
+                                "--batch-size", str(mb), "--steps", "8", "--amp", "bf16" if CUDA else "off"]}
+    for name, args in commands.items():
+        path = work / (name.replace(" ", "-") + ".json")
+        subprocess.run([sys.executable, "-m", "cxr_fast", *args, "--json", str(path)], check=True,
+                       capture_output=True, timeout=240)
+        result = json.loads(path.read_text())
+        record("cli", command=name, **{k: v for k, v in result.items() if k != "machine"})
 
 
 # --------------------------------------------------------------------------------------------------------- compile
@@ -343,6 +364,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    parser.add_argument("--only", default="", help="comma-separated steps to run (data always runs)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.rehearse:
@@ -356,8 +378,10 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     best = 32 if not args.rehearse else 4
 
+    only = set(filter(None, args.only.split(",")))
+
     def step(name, fn, *fn_args):
-        if name in skip:
+        if name in skip or (only and name not in only | {"data"}):
             return None
         started = time.perf_counter()
         try:
@@ -376,9 +400,10 @@ def main() -> None:
     step("loader", loaders, shards, size, workers, window, record)
     e2e_steps = 10 if not args.rehearse else 2
     for mb, accum in ((mbs[0] if args.rehearse else 4, 8 if not args.rehearse else 1), (best, max(1, 32 // best))):
-        step("e2e", fed_trainer, shards["png"], model, size, mb, accum, workers, e2e_steps, record)
-    for mb, accum in ((4, 8), (32, 1)) if not args.rehearse else ((2, 2), (4, 1)):
-        step("e2e", train_epoch, shards["png"], args.work, model, size, mb, accum, workers, record)
+        step("fed", fed_trainer, shards["png"], model, size, mb, accum, workers, e2e_steps, record)
+    for mb in ("auto", 4) if not args.rehearse else ("auto", 2):
+        step("train", train_epoch, shards["png"], args.work, model, size, mb, workers, record)
+    step("cli", cli_benchmarks, shards, args.work, model, size, 64 if not args.rehearse else 4, record)
     step("compile", compiled, model, size, best, steps, record)
 
 

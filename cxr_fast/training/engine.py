@@ -80,26 +80,76 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
+class InputWait:
+    """How long the device sat idle waiting for input: from the end of one micro-batch's work (its optimizer step
+    included) to the start of the next one's. On CUDA the gaps are timed by events on the stream and read after
+    the step's own sync, so measuring adds none; on the CPU it is the wall time spent in the loader."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.seconds, self.pending, self.last_done = device.type == "cuda", 0.0, [], None
+
+    def fetched(self, wall_seconds: float) -> None:
+        if not self.cuda:
+            self.seconds += wall_seconds
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        if self.last_done is not None:
+            self.pending.append((self.last_done, start))
+
+    def computed(self) -> None:
+        if self.cuda:
+            self.last_done = torch.cuda.Event(enable_timing=True)
+            self.last_done.record()
+
+    def collect(self) -> None:
+        """After a host sync: every recorded gap has happened."""
+        self.seconds += sum(done.elapsed_time(start) for done, start in self.pending) / 1000
+        self.pending = []
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean of the epoch's micro-batch losses so far (all ranks)
+    stopped: bool
+    images: int  # trained by this call, all ranks
+    seconds: float
+    input_wait_seconds: float
+
+
+def _agree(tensor: torch.Tensor) -> list[float]:
+    """Sum `tensor` over the ranks (one collective) and bring it to the host: the step's only sync."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch.device, batches: int,
-                    should_stop, show_progress: bool = True) -> tuple[float, bool]:
-    """Run micro-batches until `batches` (a multiple of accum) are done or `should_stop()` says so at a step
-    boundary. Resumes inside an epoch by skipping the `state.batch_in_epoch` batches already trained on.
-    Returns (mean loss of the epoch's micro-batches so far, whether it stopped early)."""
+                    stop_requested, show_progress: bool = True) -> EpochStats:
+    """Run micro-batches until `batches` (a multiple of accum) are done or a rank's `stop_requested(step)` says so
+    for the step about to be taken (it is taken, then the epoch stops). Resumes inside an epoch by skipping the `state.batch_in_epoch` batches already trained on.
+
+    Losses stay on the device; once per optimizer step, before the step, one collective brings the step's loss, a
+    non-finite flag and the stop requests of all ranks to the host, so all ranks raise or stop together."""
     model, accum = state.model, state.accum
     model.train()
-    recent, cycle, seen, started = [], [], 0, time.perf_counter()
     skip = state.batch_in_epoch
     if skip == 0:
         state.history = {"loss_sum": 0.0, "loss_count": 0}
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     progress = tqdm(total=batches, initial=skip, desc=f"epoch {state.epoch + 1}", unit="batch",
                     disable=not show_progress, leave=False)
+    wait, recent, images, started = InputWait(device), [], 0, time.perf_counter()
+    cycle = torch.zeros((), dtype=torch.float64, device=device)
     iterator = iter(loader)
     for index in range(batches):
+        before = time.perf_counter()
         batch = next(iterator, None)
         if batch is None:
             raise CxrFastError(f"the train loader ended after {index} batches, {batches} expected")
         if index < skip:
             continue  # already trained on before the interruption; the loader is seeded, so these are the same
+        wait.fetched(time.perf_counter() - before)
         last_of_step = (index + 1) % accum == 0
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_of_step \
             else contextlib.nullcontext()
@@ -107,28 +157,35 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
             with autocast(device, state.amp_dtype):
                 logits = model(batch.images)
             loss = loss_fn(logits, batch.targets)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at optimizer step {state.step + 1} (epoch {state.epoch + 1}, "
-                                    f"batch {index + 1}); try a lower --lr or --amp bf16/off")
             state.scaler.scale(loss / accum).backward()
-        recent = (recent + [value])[-50:]
-        cycle.append(value)
-        seen += len(batch.keys)
-        if last_of_step:
-            _optimizer_step(state)
-            # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
-            state.history["loss_sum"] += sum(cycle)
-            state.history["loss_count"] += len(cycle)
-            cycle = []
-            state.batch_in_epoch = index + 1
-            progress.update(accum)
-            progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
-            if should_stop():
-                break
+        cycle += loss.detach().double()
+        images += len(batch.keys) * world
+        if not last_of_step:
+            wait.computed()
+            continue
+        # torch.full is a fill kernel, not a host-to-device copy: nothing here waits for the GPU but tolist().
+        stop_flag = torch.full((), float(stop_requested(state.step + 1)), dtype=torch.float64, device=device)
+        total, non_finite, stop = _agree(torch.stack([cycle, (~torch.isfinite(cycle)).double(), stop_flag]))
+        wait.collect()
+        if non_finite:
+            raise NonFiniteLoss(f"loss is {'nan' if math.isnan(total) else total} at optimizer step "
+                                f"{state.step + 1} (epoch {state.epoch + 1}, batch {index + 1}); try a lower --lr "
+                                "or --amp bf16/off")
+        _optimizer_step(state)
+        wait.computed()
+        # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
+        state.history["loss_sum"] += total / world
+        state.history["loss_count"] += accum
+        cycle = torch.zeros_like(cycle)
+        state.batch_in_epoch = index + 1
+        recent = (recent + [total / world / accum])[-50:]
+        progress.update(accum)
+        progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
+        if stop:
+            break
     progress.close()
-    mean = state.history["loss_sum"] / max(1, state.history["loss_count"])
-    return mean, state.batch_in_epoch < batches
+    return EpochStats(state.history["loss_sum"] / max(1, state.history["loss_count"]), state.batch_in_epoch < batches,
+                      images, time.perf_counter() - started, wait.seconds)
 
 
 def _optimizer_step(state: TrainState) -> None:

@@ -12,12 +12,10 @@ SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exit
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +24,19 @@ import torch
 import torch.distributed as dist
 
 from cxr_fast import constants as C
-from cxr_fast.config import RunConfig, dump_yaml, from_dict
+from cxr_fast.config import RunConfig, dump_yaml, from_dict, replace
 from cxr_fast.data.loader import create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import best_f1_threshold, macro_auc
 from cxr_fast.training.checkpoint import CheckpointSaver, restore_training, rng_states, training_payload
-from cxr_fast.training.engine import (NonFiniteLoss, TrainState, evaluate, resolve_amp, resolve_device,
-                                      train_one_epoch, warmup_cosine)
+from cxr_fast.training.engine import (EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp,
+                                      resolve_device, train_one_epoch, warmup_cosine)
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
+from cxr_fast.training.memory import resolve_batch
 from cxr_fast.training.model import create_model
+from cxr_fast.training.monitor import RunMonitor
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,17 @@ class _StopFlag:
         self.requested, self.max_steps, self.state, self.env = False, max_steps, state, env
         self.reason = ""
 
+    def local(self, after_step: int | None = None) -> bool:
+        """This rank's wish to stop once `after_step` optimizer steps are done (default: now); the engine agrees on
+        it across ranks in its per-step sync."""
+        steps = self.state.step if after_step is None else after_step
+        stop = self.requested or (self.max_steps is not None and steps >= self.max_steps)
+        if stop and not self.reason:
+            self.reason = "SIGTERM" if self.requested else f"--max-steps {self.max_steps}"
+        return stop
+
     def __call__(self) -> bool:
-        stop = self.requested or (self.max_steps is not None and self.state.step >= self.max_steps)
+        stop = self.local()
         if self.env.distributed:
             flag = torch.tensor([int(stop)], device="cpu" if dist.get_backend() == "gloo" else self.env.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -89,9 +98,14 @@ class _StopFlag:
 def setup_distributed(device_choice: str) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_choice, local_rank)
+    # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(device_choice, local_rank if visible > 1 else 0)
+    if device.type == "cuda" and device.index >= visible:
+        raise CxrFastError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible to this process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Env(rank, world, device)
@@ -124,8 +138,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_state(cfg: RunConfig, plan: Plan, env: Env, resumed: dict | None) -> TrainState:
-    """Model (weights loaded before any wrapping), EMA, optimizer, schedule and scaler; restored when resuming."""
+def build_model(cfg: RunConfig, env: Env, resumed: dict | None):
+    """The model with its weights (loaded before any wrapping) and its EMA."""
     model = create_model(cfg.model, cfg.data.in_chans, pretrained=None if resumed is None else False).to(env.device)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -134,11 +148,17 @@ def build_state(cfg: RunConfig, plan: Plan, env: Env, resumed: dict | None) -> T
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+    return model, ema
+
+
+def build_state(cfg: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema) -> TrainState:
+    """Optimizer (fused AdamW on CUDA), schedule and scaler around the (possibly compiled, DDP-wrapped) model."""
     train_model = torch.compile(model) if cfg.model.compile else model
     if env.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  fused=env.device.type == "cuda" or None)
     total = plan.total_steps(cfg.optim.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total, int(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
@@ -156,13 +176,19 @@ class Run:
         self.cfg, self.shards_dir, self.out_dir, self.env = cfg, shards_dir, out_dir, env
         self.show_progress = show_progress and env.is_main
         manifest = load_manifest(shards_dir)
+        plan_epochs(replace(cfg, **{"optim.batch_size": 1, "optim.accum": 1}), manifest, env.world)  # splits first
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
+        model, ema = build_model(cfg, env, resumed)
+        torch.manual_seed(cfg.seed + env.rank)  # then each rank its own dropout and augmentation draws
+        self.cfg = cfg = resolve_batch(cfg, model, env.device, resolve_amp(cfg.amp, env.device))
         self.plan = plan_epochs(cfg, manifest, env.world)
-        self.state = build_state(cfg, self.plan, env, resumed)
+        self.state = build_state(cfg, self.plan, env, model, ema)
         self.best_auc = restore_training(resumed, self.state, env.rank) if resumed is not None else -1.0
         weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
             if cfg.optim.class_weighting == "inverse_frequency" else None
         self.loss_fn = FocalLoss(cfg.optim.focal_gamma, weights).to(env.device)
         self.saver = CheckpointSaver(out_dir)
+        self.monitor = RunMonitor(out_dir, cfg.tensorboard) if env.is_main else None
         self.stop = _StopFlag(cfg.max_steps, self.state, env)
         if resumed is not None:
             log.info("resuming at epoch %d, step %d", self.state.epoch + 1, self.state.step)
@@ -192,16 +218,15 @@ class Run:
         if self.env.is_main:
             self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, thresholds, record), best)
 
-    def train_epoch(self) -> tuple[bool, float | None]:
-        """Train the rest of the current epoch: (whether it stopped early, training images/s of this call)."""
+    def train_epoch(self) -> EpochStats | None:
+        """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop)."""
         cfg, env, state = self.cfg, self.env, self.state
         loader = create_loader(cfg.loader, self.shards_dir, "train", cfg.data, batch_size=cfg.optim.batch_size,
                                train=True, device=env.device, seed=loader_seed(cfg.seed, state.epoch, env.rank),
                                rank=env.rank, world_size=env.world)
-        started, first = time.perf_counter(), state.batch_in_epoch
         try:
-            _loss, stopped = train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
-                                             self.stop, self.show_progress)
+            return train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
+                                   self.stop.local, self.show_progress)
         except NonFiniteLoss as error:
             # The weights are those of the last good optimizer step; resuming replays the current one.
             state.batch_in_epoch -= state.batch_in_epoch % state.accum
@@ -212,11 +237,9 @@ class Run:
                 raise
             # Preemption can reach the loader's workers too: stop at the last optimizer step, as for SIGTERM alone.
             log.warning("the loader failed after SIGTERM (%s); stopping at step %d", type(error).__name__, state.step)
-            return True, None
+            return None
         finally:
             del loader
-        images = (state.batch_in_epoch - first) * cfg.optim.batch_size * env.world
-        return stopped, images / (time.perf_counter() - started)
 
     def validate(self) -> tuple[dict, list[float]]:
         """Metrics of the validation split (every sample once across ranks) and the F1-optimal thresholds."""
@@ -234,29 +257,25 @@ class Run:
                   "val_images": len(result["keys"])}
         return record, thresholds
 
-    def train_loss(self) -> float:
-        """Mean loss of the epoch's micro-batches, over all ranks."""
+    def epoch_end(self, stats: EpochStats | None) -> dict:
+        """Validate, then write the epoch's record and checkpoints. `stats` is None when the epoch's training was
+        done before a resume (only its validation was left)."""
         history = self.state.history
-        loss = history["loss_sum"] / max(1, history["loss_count"])
-        if self.env.distributed:
-            total = torch.tensor([loss], dtype=torch.float64, device=self.env.device)
-            dist.all_reduce(total)  # in place: on CUDA a `.to(device)` copy would be reduced and dropped
-            loss = float(total.item()) / self.env.world
-        return loss
-
-    def epoch_end(self, images_per_second: float | None) -> dict:
-        train_loss = self.train_loss()
+        train_loss = history["loss_sum"] / max(1, history["loss_count"])  # already averaged over ranks
         record, thresholds = self.validate()
         state = self.state
         state.epoch += 1
         state.batch_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, **record,
-                  "lr": float(state.scheduler.get_last_lr()[0]), "train_images_per_second": images_per_second}
+                  "lr": float(state.scheduler.get_last_lr()[0]),
+                  "train_images_per_second": stats.images / stats.seconds if stats else None,
+                  "data_wait_fraction": stats.input_wait_seconds / stats.seconds if stats else None}
+        if self.env.device.type == "cuda":
+            record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
         improved = record["val_macro_auc"] > self.best_auc
         self.best_auc = max(self.best_auc, record["val_macro_auc"])
         if self.env.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.monitor.epoch(record)
             log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUC %.4f%s", state.epoch, train_loss,
                      record["val_loss"], record["val_macro_auc"], " (best)" if improved else "")
         self.save(thresholds, record, best=improved)
@@ -275,13 +294,13 @@ class Run:
             if self.state.step and self.state.batch_in_epoch == 0 and self.stop():  # last.pt already saved
                 log.info("stopped by %s at step %d (continue with --resume)", self.stop.reason, self.state.step)
                 return {"stopped": self.stop.reason, "step": self.state.step}
-            rate = None
+            stats = None
             if self.state.batch_in_epoch < self.plan.batches_per_epoch:  # else: trained, stopped in validation
-                stopped, rate = self.train_epoch()
-                if stopped:
+                stats = self.train_epoch()
+                if stats is None or stats.stopped:
                     return self.stopped()
             try:
-                record = self.epoch_end(rate)
+                record = self.epoch_end(stats)
             except Exception:
                 if not self.stop.requested:
                     raise
@@ -305,27 +324,64 @@ def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]
     return existing if overwrite else []
 
 
+# What a resumed run may change: how far it goes, and how many loader workers feed it. Anything else would make it
+# another run, which belongs in another folder.
+RESUMABLE = ("optim.epochs", "max_steps", "data.workers", "tensorboard")
+
+
+def resumed_config(saved: RunConfig, changes: dict, at_epoch: int) -> RunConfig:
+    """The saved run's config with the changes a resume may make; any other change is an error naming its flag."""
+    from cxr_fast.config import describe
+
+    for path, value in changes.items():
+        old = getattr_path(saved, path)
+        if path not in RESUMABLE and value != old:
+            flag = describe(RunConfig, path)[1].metadata.get("flag") or path
+            raise CxrFastError(f"--resume continues the run as it was set up: {flag} {value} differs from its "
+                               f"{old}. Start a new run (another --out) to change it")
+    epochs = changes.get("optim.epochs", saved.optim.epochs)
+    if epochs != saved.optim.epochs:
+        if epochs < at_epoch + (1 if at_epoch < saved.optim.epochs else 0):
+            raise CxrFastError(f"--epochs {epochs}: the run has done {at_epoch} epoch(s) already")
+        log.warning("--epochs %d instead of %d: the cosine schedule is re-planned over %d epochs from the current "
+                    "step (the learning rate from here on follows the new schedule)", epochs, saved.optim.epochs,
+                    epochs)
+    kept = {path: value for path, value in changes.items() if path in RESUMABLE}
+    return replace(saved, **kept | {"max_steps": changes.get("max_steps")})
+
+
+def getattr_path(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                 show_progress: bool = True, overwrite: bool = False) -> dict:
+                 show_progress: bool = True, overwrite: bool = False, changes: dict | None = None) -> dict:
     """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
-    <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder."""
+    <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder.
+
+    With resume, the run's config comes from last.pt and `cfg` is not used; `changes` (dotted config paths → values,
+    the flags given) may extend --epochs or set --max-steps and --workers, and any other change is an error."""
     out_dir = Path(out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with folder_lock(out_dir, "a training run") if is_main else contextlib.nullcontext():
         replaced = claim_run_folder(out_dir, resume, overwrite) if is_main else []
         resumed = CheckpointSaver(out_dir).load_last() if resume else None
-        if resumed is not None:  # the run's identity comes from the checkpoint; only how far to go may change
-            cfg = from_dict(RunConfig, resumed["config"] | {"max_steps": cfg.max_steps})
+        if resumed is not None:
+            saved = from_dict(RunConfig, resumed["config"], where=f"{out_dir} checkpoint config")
+            cfg = resumed_config(saved, changes or {}, resumed["epoch"])
         env = setup_distributed(cfg.device)
-        torch.manual_seed(cfg.seed + env.rank)
         np.random.seed(cfg.seed + env.rank)
-        previous_handler = None
+        previous_handler = run = None
         try:
             run = Run(cfg, Path(shards_dir), out_dir, env, resumed, show_progress)
             run.start(replaced)
             previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
             return run.loop()
         finally:
+            if run is not None and run.monitor is not None:
+                run.monitor.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             if env.distributed and dist.is_initialized():

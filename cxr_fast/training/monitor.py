@@ -1,0 +1,81 @@
+"""What a person watching a run sees: each epoch's record appended to metrics.jsonl, the training curves redrawn in
+curves.png (losses, validation AUROC, learning rate), and with --tensorboard the same as TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cxr_fast.errors import CxrFastError
+
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+class RunMonitor:
+    def __init__(self, out_dir: Path, tensorboard: bool):
+        self.out_dir, self.writer = out_dir, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CxrFastError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def epoch(self, record: dict) -> None:
+        with open(self.out_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(read_metrics(self.out_dir), self.out_dir / CURVES)
+        if self.writer is not None:
+            self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        step, add = record["step"], self.writer.add_scalar
+        add("loss/train", record["train_loss"], step)
+        add("loss/val", record["val_loss"], step)
+        add("auroc/macro", record["val_macro_auc"], step)
+        for name, value in record["val_auc"].items():
+            if value is not None:
+                add(f"auroc/{name}", value, step)
+        add("lr", record["lr"], step)
+        for key in ("train_images_per_second", "data_wait_fraction", "peak_gpu_memory_gib"):
+            if record.get(key) is not None:
+                add(f"speed/{key}", record[key], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in records], "o-", label="validation")
+    axes[0].set_title("Loss (focal)")
+    axes[0].legend()
+    for name in records[-1]["val_auc"] if records else []:
+        axes[1].plot(epochs, [r["val_auc"].get(name) for r in records], color="0.8", lw=0.8)
+    axes[1].plot(epochs, [r["val_macro_auc"] for r in records], "o-", color="C2", label="macro (grey: per class)")
+    axes[1].set_title("Validation AUROC")
+    axes[1].legend()
+    axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="C3")
+    axes[2].set_title("Learning rate at the epoch's end")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
