@@ -335,6 +335,29 @@ def cli_benchmarks(shards: dict[str, Path], work: Path, model_name: str, image_s
         record("cli", command=name, **{k: v for k, v in result.items() if k != "machine"})
 
 
+def engine_options(model_name: str, image_size: int, record: Recorder) -> None:
+    """The trainer's own engine (train_one_epoch: one sync per step, input-wait events) on on-device batches, at the
+    seed's 4 x 8 and at 32 x 1, with cudnn.benchmark and fused AdamW each on and off."""
+    from cxr_fast.data.loader import Batch
+    from cxr_fast.training.engine import TrainState, train_one_epoch
+
+    model = create_model(ModelConfig(name=model_name, pretrained=False), in_chans=1).to(DEVICE)
+    for mb, accum in ((4, 8), (32, 1)):
+        x = torch.randn(mb, 1, image_size, image_size, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        batches = [Batch(x, (torch.rand(mb, C.NUM_CLASSES, device=DEVICE) > 0.9).float(), [""] * mb)] * (accum * 8)
+        for benchmark, fused in ((False, False), (True, False), (False, True), (True, True)):
+            torch.backends.cudnn.benchmark = benchmark
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+            state = TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
+                               torch.bfloat16 if CUDA else None, accum, 1.0)
+            train_one_epoch(state, batches[:accum * 2], FocalLoss(2.0), DEVICE, accum * 2, lambda s: False, False)
+            stats = train_one_epoch(state, batches, FocalLoss(2.0), DEVICE, len(batches), lambda s: False, False)
+            record("engine", micro_batch=mb, accum=accum, cudnn_benchmark=benchmark, fused_adamw=fused,
+                   images_per_second=stats.images / stats.seconds, input_wait_fraction=stats.input_wait_seconds /
+                   stats.seconds)
+
+
 # --------------------------------------------------------------------------------------------------------- compile
 def compiled(model_name: str, image_size: int, mb: int, steps: int, record: Recorder) -> None:
     _free()
@@ -392,7 +415,8 @@ def main() -> None:
         finally:
             print(f"== {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
-    shards = step("data", make_data, args.work, n, source, max(workers, 2), record)
+    step("engine", engine_options, model, size, record)
+    shards = step("data", make_data, args.work, n, source, max(workers, 2), record) if only != {"engine"} else None
     if shards is None:
         return
     step("fidelity", fidelity, shards, size, 64 if not args.rehearse else 8, record)
