@@ -168,10 +168,12 @@ class AugmentConfig(_Checked):
 
     SECTION: ClassVar[str] = "data.augment"
     affine_prob: float = setting(0.8, "Probability of the rotation/scale/shift.", ge=0, le=1)
-    rotate_degrees: float = setting(7.0, "Rotation range (±degrees): patient positioning varies by a few degrees.",
-                                    ge=0, le=180)
+    rotate_range: tuple[float, float] = setting((-7.0, 7.0), "Rotation in degrees (positive: counter-clockwise on "
+                                               "the screen): patient positioning varies by a few degrees.",
+                                               ge=-180, le=180)
     scale_range: tuple[float, float] = setting((0.9, 1.1), "Zoom range: distance to the detector varies.", gt=0)
-    translate_fraction: float = setting(0.05, "Shift range, as a fraction of the side, both axes.", ge=0, le=0.5)
+    translate_range: tuple[float, float] = setting((-0.05, 0.05), "Shift, as a fraction of the side, drawn for "
+                                                   "each axis (positive: right, down).", ge=-0.5, le=0.5)
     hflip_prob: float = setting(0.0, "Horizontal flip probability (off: it puts the heart on the right).", ge=0,
                                 le=1)
     brightness_contrast_prob: float = setting(0.5, "Probability of the brightness/contrast change.", ge=0, le=1)
@@ -286,10 +288,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Settings renamed since cxr-fast 0.1, as read from its configs and checkpoints: old key -> (new key, conversion).
+_RENAMED = {AugmentConfig: {"rotate_degrees": ("rotate_range", lambda r: (-r, r)),
+                            "translate_fraction": ("translate_range", lambda t: (-t, t))}}
+
+
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
     """Build dataclass `cls` from a nested dict; missing fields keep their defaults, unknown keys are an error."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    for old, (new, convert) in _RENAMED.get(cls, {}).items():
+        if old in values and new not in values:
+            values = {k: v for k, v in values.items() if k != old} | {new: convert(values[old])}
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -31,3 +31,10 @@ def test_cli_defaults_and_help_come_from_the_config():
                         ("--epochs", defaults.optim.epochs), ("--image-size", defaults.data.image_size),
                         ("--loader", defaults.loader)):
         assert flag in help_text and f"[default: {value}]" in help_text.split(flag, 1)[1][:400], flag
+
+
+def test_settings_renamed_since_0_1_still_read():
+    from cxr_fast.config import from_dict
+
+    old = from_dict(RunConfig, {"data": {"augment": {"rotate_degrees": 5.0, "translate_fraction": 0.1}}})
+    assert old.data.augment.rotate_range == (-5.0, 5.0) and old.data.augment.translate_range == (-0.1, 0.1)

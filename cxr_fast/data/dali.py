@@ -26,26 +26,36 @@ def import_dali():
     return fn, pipeline_def, types
 
 
+def _draw(fn, value_range, shape=None):
+    """A per-sample uniform draw from `value_range`, or its one value when low == high (DALI refuses an empty
+    range; a fixed value is how the tests, and users, pin a transform)."""
+    low, high = value_range
+    if low == high:
+        return [low] * shape[0] if shape else low
+    return fn.random.uniform(range=[low, high], shape=shape) if shape else fn.random.uniform(range=[low, high])
+
+
 def _augment(images, cfg: DataConfig, fn, types):
     """Per-sample branches (DALI conditionals): a transform runs only for the samples that draw it, which on the
     CPU saves most of the cost of warp_affine and of drawing a normal per pixel (benchmarks/RESULTS.md)."""
     aug, size = cfg.augment, float(cfg.image_size)
     centre = [size / 2, size / 2]
     if fn.random.coin_flip(probability=aug.affine_prob):
-        scale = fn.random.uniform(range=list(aug.scale_range))
-        shift = fn.random.uniform(range=[-aug.translate_fraction * size, aug.translate_fraction * size], shape=[2])
-        matrix = fn.transforms.rotation(angle=fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees]),
-                                        center=centre)
-        matrix = fn.transforms.scale(matrix, scale=fn.stack(scale, scale), center=centre)
+        scale = _draw(fn, aug.scale_range)
+        shift = _draw(fn, (aug.translate_range[0] * size, aug.translate_range[1] * size), shape=[2])
+        # DALI's positive angle turns clockwise on the screen (y points down); the config's, like OpenCV's,
+        # counter-clockwise: hence the minus.
+        matrix = fn.transforms.rotation(angle=-_draw(fn, aug.rotate_range), center=centre)
+        matrix = fn.transforms.scale(matrix, scale=[scale, scale] if isinstance(scale, float) else
+                                     fn.stack(scale, scale), center=centre)
         matrix = fn.transforms.translation(matrix, offset=shift)
         # Source-to-destination matrix; borders filled with black, the background of a radiograph.
         images = fn.warp_affine(images, matrix=matrix, inverse_map=False, fill_value=0)
     if aug.hflip_prob > 0:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=aug.hflip_prob))
     if fn.random.coin_flip(probability=aug.brightness_contrast_prob):
-        images = fn.brightness_contrast(images, brightness=fn.random.uniform(range=list(aug.brightness_range)),
-                                        contrast=fn.random.uniform(range=list(aug.contrast_range)),
-                                        contrast_center=128.0)
+        images = fn.brightness_contrast(images, brightness=_draw(fn, aug.brightness_range),
+                                        contrast=_draw(fn, aug.contrast_range), contrast_center=128.0)
     if fn.random.coin_flip(probability=aug.noise_prob):
         images = fn.noise.gaussian(images, stddev=aug.noise_std)
     return images

@@ -32,10 +32,10 @@ def augment_cv(image: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) 
     """Same transforms, probabilities and ranges as `dali._augment`."""
     size = image.shape[0]
     if rng.random() < aug.affine_prob:
-        angle = rng.uniform(-aug.rotate_degrees, aug.rotate_degrees)
+        angle = rng.uniform(*aug.rotate_range)
         scale = rng.uniform(*aug.scale_range)
-        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
-        matrix[:, 2] += rng.uniform(-aug.translate_fraction, aug.translate_fraction, 2) * size
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)  # positive: counter-clockwise
+        matrix[:, 2] += rng.uniform(*aug.translate_range, 2) * size
         image = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
     if rng.random() < aug.hflip_prob:
         image = image[:, ::-1]

@@ -168,3 +168,51 @@ def test_preview_writes_processed_images(synth_shards, tmp_path, backend):
     images = sorted(out.glob("0*.png"))
     assert len(images) == 5 and (out / "contact_sheet.png").exists()
     assert cv2.imread(str(images[0]), cv2.IMREAD_UNCHANGED).shape == (128, 128)
+
+
+NONE = dict(affine_prob=0.0, hflip_prob=0.0, brightness_contrast_prob=0.0, noise_prob=0.0)
+# Each transform alone, with probability 1 and a fixed value; the DALI and OpenCV results must agree as closely as
+# the two backends agree without augmentation (plus `slack` gray levels), and the transform must show.
+AUGMENT_CASES = {
+    "rotate_range": (dict(affine_prob=1.0, rotate_range=(12.0, 12.0), scale_range=(1.0, 1.0),
+                          translate_range=(0.0, 0.0)), 1.5),
+    "scale_range": (dict(affine_prob=1.0, rotate_range=(0.0, 0.0), scale_range=(1.15, 1.15),
+                         translate_range=(0.0, 0.0)), 1.5),
+    "translate_range": (dict(affine_prob=1.0, rotate_range=(0.0, 0.0), scale_range=(1.0, 1.0),
+                             translate_range=(0.08, 0.08)), 1.5),
+    "hflip_prob": (dict(hflip_prob=1.0), 0.5),
+    "brightness_range": (dict(brightness_contrast_prob=1.0, brightness_range=(1.2, 1.2), contrast_range=(1.0, 1.0)),
+                         1.0),
+    "contrast_range": (dict(brightness_contrast_prob=1.0, brightness_range=(1.0, 1.0), contrast_range=(0.7, 0.7)),
+                       1.0),
+}
+
+
+def _augmented(backend, shards, augment):
+    from cxr_fast.config import AugmentConfig
+
+    cfg = DataConfig(image_size=96, augment=AugmentConfig(**augment), workers=0 if backend == "torch" else 2)
+    images, _ = _collect(create_loader(backend, shards, "val", cfg, batch_size=8, train=True, normalize=False))
+    return {key: image[0].astype(float) for key, image in images.items()}
+
+
+@pytest.mark.parametrize("field", list(AUGMENT_CASES))
+def test_both_backends_apply_each_augmentation_alike(synth_shards, field):
+    augment, slack = AUGMENT_CASES[field]
+    plain = {b: _augmented(b, synth_shards, NONE) for b in BACKENDS}
+    moved = {b: _augmented(b, synth_shards, NONE | augment) for b in BACKENDS}
+    keys = sorted(plain["dali"])
+    baseline = np.mean([np.abs(plain["dali"][k] - plain["torch"][k]).mean() for k in keys])
+    between = np.mean([np.abs(moved["dali"][k] - moved["torch"][k]).mean() for k in keys])
+    effect = np.mean([np.abs(moved["torch"][k] - plain["torch"][k]).mean() for k in keys])
+    assert between <= baseline + slack, f"{field}: backends differ by {between:.2f} (without it {baseline:.2f})"
+    assert effect > 3 * (between - baseline + 0.5), f"{field}: the transform barely shows ({effect:.2f})"
+
+
+def test_both_backends_add_the_same_noise(synth_shards):
+    augment = NONE | dict(noise_prob=1.0, noise_std=6.0)
+    for backend in BACKENDS:
+        plain, noisy = _augmented(backend, synth_shards, NONE), _augmented(backend, synth_shards, augment)
+        # Away from black and white, where clipping would shrink it, the added noise has the configured sigma.
+        residual = np.concatenate([(noisy[k] - plain[k])[(plain[k] > 20) & (plain[k] < 235)] for k in plain])
+        assert abs(residual.std() - 6.0) < 0.5 and abs(residual.mean()) < 0.3, backend
