@@ -126,3 +126,25 @@ def test_bad_inputs_give_clear_messages(tiny_run, synth_shards, tmp_path):
     result = CliRunner().invoke(cli, ["analyze", "--checkpoint", str(tiny_run / "checkpoints/best.pt"),
                                       "--shards", str(synth_shards), "--split", "holdout", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "split 'holdout' is missing" in result.output
+
+
+def test_gradcam_inputs_are_the_images_the_model_scored(tiny_run, synth_shards):
+    """The collector keeps, from the one scoring pass, the very inputs: scoring them again gives the same numbers."""
+    from cxr_fast.data.loader import create_loader
+    from cxr_fast.evaluation.analyze import _model_input
+    from cxr_fast.training.checkpoint import load_model
+    from cxr_fast.training.engine import evaluate
+    from cxr_fast.training.losses import FocalLoss
+
+    model, info = load_model(tiny_run / "checkpoints/best.pt")
+    collector = ErrorCollector(info.thresholds, top_k=2, box_keys=set())
+    loader = create_loader("torch", synth_shards, "test", info.config.data, batch_size=8, train=False)
+    result = evaluate(model, loader, FocalLoss(), torch.device("cpu"), None, show_progress=False, on_batch=collector)
+    errors = collector.errors()
+    chosen = {key for per_class in errors.values() for rows in per_class.values() for key, _ in rows}
+    assert chosen and set(collector.images) == chosen
+    row = {key: i for i, key in enumerate(result["keys"])}
+    with torch.no_grad():
+        for key in chosen:
+            again = torch.sigmoid(model(_model_input(collector.images[key], info.config, torch.device("cpu"))))
+            np.testing.assert_allclose(again[0].numpy(), result["probs"][row[key]], atol=1e-5)

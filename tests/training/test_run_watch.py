@@ -129,3 +129,15 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
     stats = engine.train_one_epoch(state, batches, torch.nn.BCEWithLogitsLoss(), env.device, 6, lambda step: False,
                                    show_progress=False)
     assert len(calls) == 3 and state.step == 3 and not stats.stopped
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_and_its_checkpoint_loads(synth_shards, tmp_path):
+    from cxr_fast.training.checkpoint import load_model
+
+    cfg = tiny(**{"data.image_size": 32, "optim.batch_size": 8, "optim.accum": 1, "optim.epochs": 1,
+                  "model.compile": True})
+    record = run_training(cfg, synth_shards, tmp_path / "run", show_progress=False)
+    assert record["epoch"] == 1 and record["train_loss"] > 0
+    model, info = load_model(tmp_path / "run/checkpoints/best.pt")  # plain weights: no torch.compile prefix
+    assert info.config.model.compile and not any("_orig_mod" in k for k in model.state_dict())
