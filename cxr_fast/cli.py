@@ -209,7 +209,8 @@ def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None
     """Train a classifier on shards; writes OUT/checkpoints/{best,last}.pt, metrics.jsonl and config.yaml.
 
     \b
-    Defaults are the seed's recipe: ConvNeXt-Large at 512, batch 4 x 8, 25 epochs, lr 1e-4 cosine, focal gamma 2.
+    Defaults are the seed's recipe: ConvNeXt-Large at 512, 32 images per optimizer step (the largest micro-batch that
+    fits, x accumulation), 25 epochs, lr 1e-4 cosine, focal gamma 2.
     Multi-GPU:  torchrun --nproc_per_node=8 -m cxr_fast train --shards shards --out outputs/run
     """
     from cxr_fast.config import load_yaml, replace

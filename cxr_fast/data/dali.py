@@ -21,8 +21,9 @@ def import_dali():
         from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError:
-        raise CxrFastError("NVIDIA DALI is not installed. Install it with `pip install nvidia-dali-cuda120` "
-                           "(CUDA 12; see docs.nvidia.com/deeplearning/dali), or use --loader torch.") from None
+        raise CxrFastError("NVIDIA DALI is not installed. Install the build for your CUDA: `pip install "
+                           "nvidia-dali-cuda120` (CUDA 12) or `nvidia-dali-cuda130` (CUDA 13), as tools/setup.sh "
+                           "does; or use --loader torch.") from None
     return fn, pipeline_def, types
 
 
