@@ -64,7 +64,8 @@ def cli(verbose: bool) -> None:
     """Fast, honest training and auditing of NIH ChestX-ray14 classifiers.
 
     \b
-    Workflow:  synth (or an NIH download) → shard → train → analyze, plus eda, verify, preview, bench.
+    Workflow:  synth (or an NIH download) → shard → train → analyze → predict / export, plus eda, verify,
+    preview, bench.
     The demo runs all of it on a synthetic data set:  cxr-fast demo --out outputs/demo
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -253,6 +254,50 @@ def analyze(checkpoint, shards, split, out, device, backend, top_k, bbox, batch_
 
     metrics = run_analysis(checkpoint, shards, out, split, device, backend, top_k, bbox, batch_size, bootstrap)
     click.echo(f"{split}: macro AUROC {metrics['macro']['auroc']:.4f}; report {out / 'report.md'}")
+
+
+@cli.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt of a run, or model.onnx written by `cxr-fast export` (with its model.json).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for predictions.csv (and cam/).")
+@setting(RunConfig, "device")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Threads reading and processing images (default: all cores).")
+@click.option("--cam", is_flag=True, help="Write a Grad-CAM++ overlay per positive finding to OUT/cam/.")
+@setting(ShardConfig, "max_pixels")
+def predict_command(inputs, checkpoint, out, device, batch_size, workers, cam, max_pixels) -> None:
+    """Score new images: PNG, JPEG or DICOM files, or folders of them (searched recursively).
+
+    Writes OUT/predictions.csv: image, prob_<Class> (the model's output), calibrated_<Class> (where the checkpoint
+    carries a calibration), findings (the classes at or above the validation thresholds, or No Finding) and error.
+    Exits with code 1 when some input could not be scored (its row says why); the others are still scored.
+    """
+    from cxr_fast.evaluation.predict import predict, write_summary
+    from cxr_fast.training.engine import resolve_device
+
+    table = predict(checkpoint, list(inputs), out, resolve_device(device), batch_size, workers, cam, max_pixels)
+    click.echo(f"{write_summary(table)}; predictions in {out / 'predictions.csv'}")
+    if table["error"].astype(bool).any():
+        sys.exit(1)
+
+
+@cli.command("export")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt of a run.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for model.onnx and model.json.")
+def export_command(checkpoint, out) -> None:
+    """Export a checkpoint to ONNX (input: normalised N x C x H x W float, output: 14 logits, any batch size),
+    with model.json beside it (classes, thresholds, calibration, preprocessing). The export checks that ONNX Runtime
+    and PyTorch agree within 1e-3 before it reports success."""
+    from cxr_fast.evaluation.export import export_onnx
+
+    meta = export_onnx(checkpoint, out)
+    click.echo(f"{out / 'model.onnx'}: probabilities within {meta['parity_max_abs_difference']:.1e} of PyTorch; "
+               f"score with `cxr-fast predict --checkpoint {out / 'model.onnx'} --out DIR IMAGES`")
 
 
 @cli.group()

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "raw": "raw"}  # --encoding -> the sample's image component
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 ID_BYTES = 64
 
 
@@ -65,14 +65,19 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
 
 
 def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bytes, bool]:
-    """Decode a source image. Returns (gray uint8, file bytes, whether the file already is an 8-bit gray PNG).
+    """Decode a source image (PNG, JPEG or DICOM). Returns (gray uint8, file bytes, whether the file already is an
+    8-bit gray PNG).
 
     The header's size is checked against `max_pixels` before anything is decoded (a decompression bomb is a
     small file that claims an enormous image)."""
+    from cxr_fast.data.dicom import looks_like_dicom, read_dicom
+
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadInput(path, f"unreadable ({error.strerror})") from None
+    if looks_like_dicom(path, data[:132]):
+        return read_dicom(path, max_pixels), data, False
     size = image_dimensions(data)
     if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
         raise BadInput(path, f"the image claims {size[0]} x {size[1]} pixels, more than --max-pixels {max_pixels}")

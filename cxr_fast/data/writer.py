@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tarfile
 import time
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.codec import ID_BYTES, IMAGE_EXT, IMAGE_SUFFIXES, BadInput, encode_id, encode_image, read_gray
+from cxr_fast.data.dicom import looks_like_dicom
 from cxr_fast.data.labels import multi_hot, read_label_table, read_split_list
 from cxr_fast.data.reader import FORMAT_VERSION
 from cxr_fast.data.shard_folder import ShardFolder
@@ -93,17 +95,38 @@ def _write_shard(job: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- planning
 def find_images(images_dir: Path) -> dict[str, Path]:
-    """Image name -> path, searched recursively (NIH ships images_001/images/... folders)."""
+    """Image file name -> path, searched recursively (NIH ships images_001/images/... folders): PNG, JPEG and DICOM
+    (by suffix, or a file without one that carries the DICOM marker)."""
     if not images_dir.is_dir():
         raise CxrFastError(f"image folder not found: {images_dir}")
     found: dict[str, Path] = {}
     for root, _dirs, files in os.walk(images_dir, onerror=_raise_unreadable):
         for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
+            path = Path(root) / name
+            if name.lower().endswith(IMAGE_SUFFIXES) or ("." not in name and looks_like_dicom(path)):
                 if name in found:
-                    raise CxrFastError(f"image name {name} occurs twice: {found[name]} and {Path(root) / name}")
-                found[name] = Path(root) / name
+                    raise CxrFastError(f"image name {name} occurs twice: {found[name]} and {path}")
+                found[name] = path
     return found
+
+
+def match_images(names: pd.Series, found: dict[str, Path]) -> dict[str, Path]:
+    """Table name -> file: the same name, or for DICOM the name with `.dcm` added or taken off (a hospital export
+    names files by their table entry, with or without the suffix)."""
+    matched = {}
+    for name in names:
+        for candidate in (name, f"{name}.dcm", name[:-4] if name.lower().endswith(".dcm") else None):
+            if candidate in found:
+                matched[name] = found[candidate]
+                break
+    return matched
+
+
+def sample_key(image_name: str) -> str:
+    """The shard key of an image: its name without the image suffix, with any character other than letters,
+    digits, '-' and '_' made '_' (DICOM files are often named by UIDs full of dots, which a key may not hold)."""
+    stem = image_name[: -len(suffix)] if (suffix := Path(image_name).suffix).lower() in IMAGE_SUFFIXES else image_name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
 
 
 def _raise_unreadable(error: OSError) -> None:
@@ -133,16 +156,19 @@ def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], s
     """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
     labels = multi_hot(table)
     rng = np.random.default_rng(spec.seed)
-    jobs = []
+    jobs, keys = [], {}
     for split_name in C.SPLITS:
         rows = np.flatnonzero((split == split_name).to_numpy())
         rows = rows[rng.permutation(len(rows))]
         samples = []
         for row in rows:
             image = table.at[row, C.COL_IMAGE]
-            key = image.rsplit(".", 1)[0]
-            if "." in key or len(key) > ID_BYTES:
-                raise CxrFastError(f"image name {image!r}: a sample key may hold no dot and at most {ID_BYTES} chars")
+            key = sample_key(image)
+            if len(key) > ID_BYTES:
+                raise CxrFastError(f"image name {image!r}: a sample key may hold at most {ID_BYTES} characters")
+            if key in keys:
+                raise CxrFastError(f"image names {keys[key]!r} and {image!r} give the same sample key {key!r}")
+            keys[key] = image
             path = found[image]
             samples.append({
                 "key": key, "path": str(path), "size": path.stat().st_size,
@@ -195,16 +221,17 @@ def write_shards(
 def _inputs(images_dir: Path, labels_path: Path, spec: ShardConfig):
     """The table rows that have an image, the images found, the skipped inputs and the count of rows without one."""
     table = read_label_table(labels_path)
-    found = find_images(images_dir)
-    if not found:
-        raise CxrFastError(f"no .png/.jpg images found below {images_dir}")
-    orphans = sorted(set(found) - set(table[C.COL_IMAGE]))
+    files = find_images(images_dir)
+    if not files:
+        raise CxrFastError(f"no PNG, JPEG or DICOM images found below {images_dir}")
+    found = match_images(table[C.COL_IMAGE], files)
+    orphans = sorted(set(files) - {path.name for path in found.values()})
     skipped = []
     if orphans:
         if spec.on_error == "fail":
-            raise CxrFastError(f"{found[orphans[0]]}: image has no row in {labels_path} "
+            raise CxrFastError(f"{files[orphans[0]]}: image has no row in {labels_path} "
                                f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
-        skipped += [{"file": str(found[n]), "reason": "no row in the label table"} for n in orphans]
+        skipped += [{"file": str(files[n]), "reason": "no row in the label table"} for n in orphans]
     present = table[C.COL_IMAGE].isin(set(found))
     rows_without_image = int((~present).sum())
     if rows_without_image:

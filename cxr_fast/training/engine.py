@@ -163,22 +163,10 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
         if not last_of_step:
             wait.computed()
             continue
-        # torch.full is a fill kernel, not a host-to-device copy: nothing here waits for the GPU but tolist().
-        stop_flag = torch.full((), float(stop_requested(state.step + 1)), dtype=torch.float64, device=device)
-        total, non_finite, stop = _agree(torch.stack([cycle, (~torch.isfinite(cycle)).double(), stop_flag]))
-        wait.collect()
-        if non_finite:
-            raise NonFiniteLoss(f"loss is {'nan' if math.isnan(total) else total} at optimizer step "
-                                f"{state.step + 1} (epoch {state.epoch + 1}, batch {index + 1}); try a lower --lr "
-                                "or --amp bf16/off")
-        _optimizer_step(state)
-        wait.computed()
-        # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
-        state.history["loss_sum"] += total / world
-        state.history["loss_count"] += accum
+        loss_per_batch, stop = _step(state, cycle, world, stop_requested, wait, index)
         cycle = torch.zeros_like(cycle)
         state.batch_in_epoch = index + 1
-        recent = (recent + [total / world / accum])[-50:]
+        recent = (recent + [loss_per_batch])[-50:]
         progress.update(accum)
         progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
         if stop:
@@ -186,6 +174,25 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
     progress.close()
     return EpochStats(state.history["loss_sum"] / max(1, state.history["loss_count"]), state.batch_in_epoch < batches,
                       images, time.perf_counter() - started, wait.seconds)
+
+
+def _step(state: TrainState, cycle: torch.Tensor, world: int, stop_requested, wait: InputWait, index: int):
+    """End of an accumulation cycle: the one sync (loss, non-finite flag, stop), then the optimizer step.
+    Returns (mean micro-batch loss over ranks, whether to stop)."""
+    device = cycle.device
+    # torch.full is a fill kernel, not a host-to-device copy: nothing here waits for the GPU but tolist().
+    stop_flag = torch.full((), float(stop_requested(state.step + 1)), dtype=torch.float64, device=device)
+    total, non_finite, stop = _agree(torch.stack([cycle, (~torch.isfinite(cycle)).double(), stop_flag]))
+    wait.collect()
+    if non_finite:
+        raise NonFiniteLoss(f"loss is {'nan' if math.isnan(total) else total} at optimizer step {state.step + 1} "
+                            f"(epoch {state.epoch + 1}, batch {index + 1}); try a lower --lr or --amp bf16/off")
+    _optimizer_step(state)
+    wait.computed()
+    # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
+    state.history["loss_sum"] += total / world
+    state.history["loss_count"] += state.accum
+    return total / world / state.accum, bool(stop)
 
 
 def _optimizer_step(state: TrainState) -> None:

@@ -150,7 +150,7 @@ def test_missing_dali_gives_an_install_hint(monkeypatch):
     from cxr_fast.data.dali import import_dali
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(CxrFastError, match="pip install nvidia-dali-cuda120` \(CUDA 12\) or `nvidia-dali-cuda130`"):
+    with pytest.raises(CxrFastError, match=r"pip install nvidia-dali-cuda120` \(CUDA 12\) or `nvidia-dali-cuda130`"):
         import_dali()
 
 

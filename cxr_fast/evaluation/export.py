@@ -1,0 +1,114 @@
+"""`cxr-fast export`: a trained checkpoint as DIR/model.onnx plus DIR/model.json, everything scoring needs outside
+this package: class names, validation thresholds, calibration, preprocessing and versions.
+
+The ONNX graph takes the normalised image (N x C x H x W float32, any N) and returns the 14 logits. Before it reports
+success the export scores the same inputs with ONNX Runtime and with PyTorch and requires the probabilities to agree
+within 1e-3; otherwise nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_fast import __version__
+from cxr_fast import constants as C
+from cxr_fast.errors import CxrFastError
+from cxr_fast.files import atomic_json, make_folder
+
+log = logging.getLogger(__name__)
+FORMAT = "cxr_fast.onnx"
+FORMAT_VERSION = 1
+TOLERANCE = 1e-3
+OPSET = 17
+
+
+def _parity(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> float:
+    """Largest difference of the probabilities, ONNX Runtime (CPU) against PyTorch (fp32, CPU)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx = session.run(["logits"], {"image": inputs.numpy()})[0]
+    with torch.no_grad():
+        reference = model(inputs.contiguous(memory_format=torch.channels_last)).numpy()
+    return float(np.abs(1 / (1 + np.exp(-onnx)) - 1 / (1 + np.exp(-reference))).max())
+
+
+def parity_inputs(size: int, chans: int, count: int = 4) -> torch.Tensor:
+    """Inputs like the real ones: processed gray images (smooth structure plus noise), normalised."""
+    from cxr_fast.data.transforms import normalize
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = [np.clip(128 + 80 * np.sin(6 * xx + k) * np.cos(4 * yy - k) + rng.normal(0, 20, (size, size)), 0, 255)
+              for k in range(count)]
+    return normalize(torch.from_numpy(np.stack(images).astype(np.uint8)[:, None]), chans).contiguous()
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
+    """Write out/model.onnx and out/model.json; returns the metadata."""
+    from cxr_fast.training.checkpoint import load_model
+
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CxrFastError(f"export needs onnx and onnxruntime ({', '.join(missing)} missing): pip install onnx "
+                           "onnxruntime")
+    model, info = load_model(checkpoint, "cpu")
+    model = model.float().eval()
+    out = make_folder(Path(out))
+    data = info.config.data
+    sample = parity_inputs(data.image_size, data.in_chans)
+    tmp = out / "model.onnx.tmp"
+    try:
+        with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is the legacy one
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (sample[:2],), str(tmp), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
+                              dynamo=False)
+        difference = _parity(model, tmp, sample)
+        if not difference <= TOLERANCE:
+            raise CxrFastError(f"the ONNX model's probabilities differ from PyTorch's by {difference:.2e} (more "
+                               f"than {TOLERANCE}); nothing was exported")
+        os.replace(tmp, out / "model.onnx")
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cxr_fast_version": __version__,
+            "checkpoint": str(checkpoint), "epoch": info.epoch, "model": info.config.model.name,
+            "weights": info.weights, "classes": list(C.CLASS_NAMES),
+            "thresholds": None if info.thresholds is None else info.thresholds.tolist(),
+            "calibration": info.calibration, "input": {"name": "image", "shape": ["batch", data.in_chans,
+                                                                                 data.image_size, data.image_size],
+                                                        "dtype": "float32"},
+            "output": {"name": "logits", "shape": ["batch", C.NUM_CLASSES], "activation": "sigmoid"},
+            "preprocessing": {"gray": "8-bit gray (DICOM: modality LUT, VOI window, MONOCHROME1 inverted)",
+                              "resize": "OpenCV INTER_AREA to image_size x image_size", "image_size": data.image_size,
+                              "clahe_clip_limit": data.clahe_clip_limit, "clahe_tiles": data.clahe_tiles,
+                              "normalise": "(x - gray_mean) / gray_std", "gray_mean": C.GRAY_MEAN,
+                              "gray_std": C.GRAY_STD, "in_chans": data.in_chans},
+            "opset": OPSET, "parity_max_abs_difference": difference, "parity_tolerance": TOLERANCE}
+    atomic_json(out / "model.json", meta)
+    log.info("exported %s (probabilities within %.1e of PyTorch)", out / "model.onnx", difference)
+    return meta
+
+
+def read_metadata(onnx_path: Path) -> dict:
+    """model.json beside an exported model.onnx, checked."""
+    path = onnx_path.with_name("model.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CxrFastError(f"{onnx_path} needs its {path.name} beside it (written by `cxr-fast export`): "
+                           f"{error}") from None
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CxrFastError(f"{path} is not a cxr-fast export of a version this cxr-fast reads")
+    if meta.get("thresholds") is None:
+        raise CxrFastError(f"{path} has no thresholds: export a checkpoint saved at an epoch end (best.pt)")
+    return meta
