@@ -63,3 +63,42 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
                                   "optim.batch_size": 4, "optim.accum": 2, "optim.epochs": 1, "optim.lr": 1e-3})
     run_training(cfg, synth_shards, out, show_progress=False)
     return out
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits=8, window=None, rle=False, frames=1,
+                jpeg_bytes=None):
+    """A minimal DX DICOM file (pydicom) holding `pixels`: what a hospital export of a radiograph looks like."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg_bytes else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "test"
+    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = "RGB" if colour else photometric
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if jpeg_bytes:
+        ds.PixelData = encapsulate([jpeg_bytes])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    if rle:
+        ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -45,7 +45,8 @@ def _dataset(path: Path):
 
 def _check(ds, path: Path, max_pixels: int | None) -> None:
     if "PixelData" not in ds:
-        raise BadInput(path, "DICOM file without pixel data")
+        marker = getattr(ds, "preamble", None) is not None or "SOPClassUID" in ds
+        raise BadInput(path, "DICOM file without pixel data" if marker else "not a DICOM file (no DICOM header)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise BadInput(path, f"multi-frame DICOM ({frames} frames): one radiograph per file is expected")
