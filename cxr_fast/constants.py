@@ -71,3 +71,10 @@ COL_SEX = "Patient Gender"
 COL_VIEW = "View Position"
 COL_FOLLOWUP = "Follow-up #"
 REQUIRED_COLUMNS = (COL_IMAGE, COL_LABELS, COL_PATIENT)
+
+# The subgroups of the audit (CheXclusion's attributes): sex, age band and view position as the table records them.
+SEXES = ("M", "F")
+AGE_BANDS = ("0-19", "20-39", "40-59", "60-79", "80+")
+VIEWS = ("PA", "AP")
+MAX_AGE = 120  # the NIH table holds a few impossible ages (e.g. 414): those count as unknown
+

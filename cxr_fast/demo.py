@@ -18,9 +18,9 @@ from cxr_fast.errors import CxrFastError
 log = logging.getLogger(__name__)
 
 CPU_RECIPE = {"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 128,
-              "optim.batch_size": 16, "optim.accum": 1, "optim.epochs": 8, "optim.lr": 2e-3, "loader": "dali"}
-GPU_RECIPE = {"model.name": "convnext_large", "data.image_size": 512, "optim.batch_size": 4, "optim.accum": 8,
-              "optim.epochs": 3, "optim.lr": 1e-4, "loader": "dali"}
+              "optim.batch_size": 16, "optim.accum": 1, "optim.epochs": 8, "optim.lr": 2e-3, "loader": "auto"}
+GPU_RECIPE = {"model.name": "convnext_large", "data.image_size": 512, "optim.batch_size": "auto",
+              "optim.epochs": 3, "optim.lr": 1e-4, "loader": "auto"}
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,12 @@ def run_demo(spec: DemoSpec) -> dict[str, Path]:
     log.info("[4/%d] training %s at %d px on %s", steps, config.model.name, config.data.image_size,
              "the GPU" if gpu else "the CPU")
     try:
-        run_training(config, out / "shards", out / "run")
+        run_training(config, out / "shards", out / "run", overwrite=True)  # the demo owns its folder
     except CxrFastError as error:
         if not config.model.pretrained or "ImageNet weights" not in str(error):
             raise
         log.warning("%s\nThe demo goes on with random initial weights.", error)
-        run_training(replace(config, **{"model.pretrained": False}), out / "shards", out / "run")
+        run_training(replace(config, **{"model.pretrained": False}), out / "shards", out / "run", overwrite=True)
 
     log.info("[5/%d] analysis of the test split with Grad-CAM++", steps)
     boxes = Path(labels).parent / "BBox_List_2017.csv"

@@ -81,7 +81,38 @@ def confusion_stats(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict
 
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall,
-            "specificity": ratio(tn, tn + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+            "specificity": ratio(tn, tn + fp), "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def threshold_for_sensitivity(y: np.ndarray, scores: np.ndarray, target: float = 0.9) -> float:
+    """The highest threshold whose sensitivity on these labels is at least `target` (so the most specific such
+    operating point); 0.5 without positives."""
+    y = np.asarray(y).astype(bool)
+    if not y.any():
+        return 0.5
+    thresholds, tps, _fps = _cumulative_counts(y, scores)
+    return float(thresholds[int(np.argmax(tps / y.sum() >= target - 1e-12))])
+
+
+def threshold_for_specificity(y: np.ndarray, scores: np.ndarray, target: float = 0.9) -> float:
+    """The lowest threshold whose specificity on these labels is at least `target` (so the most sensitive such
+    operating point); just above the top score when none reaches it, 0.5 without negatives."""
+    y = np.asarray(y).astype(bool)
+    if y.all():
+        return 0.5
+    thresholds, _tps, fps = _cumulative_counts(y, scores)
+    meets = np.flatnonzero(1 - fps / (~y).sum() >= target - 1e-12)
+    return float(thresholds[meets[-1]]) if len(meets) else float(np.nextafter(thresholds[0], np.inf))
+
+
+OPERATING_POINTS = {"max_f1": best_f1_threshold, "sensitivity_90": threshold_for_sensitivity,
+                    "specificity_90": threshold_for_specificity}
+
+
+def operating_points(y: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]:
+    """Per operating point, the per-class thresholds chosen on these labels (meant for validation data)."""
+    return {name: [choose(y[:, c], probs[:, c]) for c in range(y.shape[1])] for name, choose in
+            OPERATING_POINTS.items()}
 
 
 def bootstrap_auc_intervals(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, n_boot: int = 500,

@@ -13,18 +13,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cxr_fast import constants as C  # noqa: E402
-from cxr_fast.data.labels import multi_hot  # noqa: E402
+from cxr_fast.data.labels import demographics, multi_hot  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _ages(table: pd.DataFrame) -> pd.Series:
-    # The 2017 table writes ages as '058Y'; the 2020 revision as integers.
-    return pd.to_numeric(table[C.COL_AGE].astype(str).str.extract(r"(\d+)")[0], errors="coerce")
 
 
 def eda_statistics(table: pd.DataFrame) -> dict:
@@ -103,8 +98,8 @@ def _plot_demographics(table: pd.DataFrame, labels: np.ndarray, path: Path) -> N
     axes[0, 1].hist(per_patient, bins=np.arange(1, min(per_patient.max(), 60) + 2), log=True)
     axes[0, 1].set_title("Images per patient (log)")
     if C.COL_AGE in table:
-        ages = _ages(table)
-        axes[0, 2].hist(ages[(ages > 0) & (ages < 120)], bins=40)
+        ages = demographics(table)["age"]
+        axes[0, 2].hist(ages.dropna(), bins=40)
         axes[0, 2].set_title("Patient age (years)")
     for ax, column in ((axes[1, 0], C.COL_SEX), (axes[1, 1], C.COL_VIEW)):
         if column in table:

@@ -112,3 +112,32 @@ def read_split_list(path: str | Path) -> list[str]:
     if not lines:
         raise CxrFastError(f"split list {path} is empty")
     return lines
+
+
+def demographics(table: pd.DataFrame) -> pd.DataFrame:
+    """Per row: age (years, NaN when missing or impossible), sex (M/F or None), view (PA/AP/... or None),
+    follow_up (int or None). The 2017 table writes ages as '058Y', the 2020 revision as integers."""
+    out = pd.DataFrame(index=table.index)
+    if C.COL_AGE in table:
+        ages = pd.to_numeric(table[C.COL_AGE].astype(str).str.extract(r"(\d+)")[0], errors="coerce")
+        out["age"] = ages.where((ages >= 0) & (ages <= C.MAX_AGE))
+    else:
+        out["age"] = np.nan
+    for column, name, allowed in ((C.COL_SEX, "sex", C.SEXES), (C.COL_VIEW, "view", None)):
+        if column not in table:
+            out[name] = None
+            continue
+        values = table[column].astype("string").str.strip().str.upper()
+        kept = values.isin(allowed) if allowed else values.str.len() > 0
+        out[name] = values.where(kept.fillna(False)).astype(object).where(lambda v: v.notna(), None)
+    follow = pd.to_numeric(table[C.COL_FOLLOWUP], errors="coerce") if C.COL_FOLLOWUP in table else np.nan
+    out["follow_up"] = follow
+    return out
+
+
+def age_band(age: float | None) -> str | None:
+    """The audit's band of an age: 0-19, 20-39, 40-59, 60-79 or 80+; None when unknown."""
+    if age is None or not np.isfinite(age):
+        return None
+    return C.AGE_BANDS[min(int(age) // 20, len(C.AGE_BANDS) - 1)]
+

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from cxr_fast.data.tario import walk_tar
 from cxr_fast.errors import CxrFastError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each sample's age, sex, view and follow-up; demographics per split
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
@@ -23,8 +25,8 @@ def load_manifest(shards_dir: str | Path) -> dict:
         raise CxrFastError(f"cannot read {path}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CxrFastError(f"{path}: shard format {version}, this version reads {FORMAT_VERSION}; re-run "
-                           "`cxr-fast shard`")
+        raise CxrFastError(f"{path}: shard format {version}, this version reads {FORMAT_VERSION} (which adds "
+                           "each sample's age, sex and view for the subgroup audit); re-run `cxr-fast shard`")
     return manifest
 
 
@@ -44,10 +46,11 @@ def iter_samples(tar_path: str | Path):
     return walk_tar(tar_path)
 
 
-def sample_table(manifest: dict, split: str) -> dict[str, tuple[str, str]]:
-    """key -> (image_index, patient_id) for every sample of a split, from the manifest alone."""
-    table = {}
+def sample_table(manifest: dict, split: str) -> pd.DataFrame:
+    """One row per sample of a split, indexed by key: image_index, patient_id, age, sex, view; from the manifest."""
+    rows = []
     for name in manifest["splits"][split]["shards"]:
         record = manifest["shards"][name]
-        table.update(zip(record["keys"], zip(record["image_index"], record["patients"])))
-    return table
+        rows += zip(record["keys"], record["image_index"], record["patients"], record["age"], record["sex"],
+                    record["view"])
+    return pd.DataFrame(rows, columns=["key", "image_index", "patient_id", "age", "sex", "view"]).set_index("key")

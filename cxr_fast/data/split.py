@@ -13,7 +13,7 @@ import pandas as pd
 
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.labels import multi_hot
+from cxr_fast.data.labels import age_band, demographics, multi_hot
 
 
 def carve_by_patient(
@@ -115,8 +115,10 @@ def check_patient_disjoint(patients: np.ndarray, split: np.ndarray) -> None:
 
 
 def split_summary(table: pd.DataFrame, split: pd.Series) -> dict[str, dict]:
-    """Per split: images, patients, positives and prevalence per class (for the manifest and the tests)."""
-    labels = multi_hot(table)
+    """Per split: images, patients, positives and prevalence per class, and the demographics (sex, age band, view
+    position, age), as a reporting checklist (CLAIM) asks of each partition."""
+    labels, people = multi_hot(table), demographics(table)
+    people["age_band"] = people["age"].map(age_band)
     summary = {}
     for name in C.SPLITS:
         mask = (split == name).to_numpy()
@@ -127,5 +129,20 @@ def split_summary(table: pd.DataFrame, split: pd.Series) -> dict[str, dict]:
             "patients": int(table.loc[mask, C.COL_PATIENT].nunique()),
             "positives": {c: int(v) for c, v in zip(C.CLASS_NAMES, positives)},
             "prevalence": {c: (float(v) / count if count else 0.0) for c, v in zip(C.CLASS_NAMES, positives)},
+            "demographics": _demographics(people[mask]),
         }
     return summary
+
+
+def _demographics(people: pd.DataFrame) -> dict:
+    def counts(column: str, groups: tuple) -> dict:
+        values = people[column]
+        return {g: int((values == g).sum()) for g in groups} | {"unknown": int(values.isna().sum())}
+
+    ages = people["age"].dropna()
+    return {"sex": counts("sex", C.SEXES), "age_band": counts("age_band", C.AGE_BANDS),
+            "view": counts("view", C.VIEWS) | {"other": int((~people["view"].isin(C.VIEWS) &
+                                                            people["view"].notna()).sum())},
+            "age_mean": float(ages.mean()) if len(ages) else None,
+            "age_median": float(ages.median()) if len(ages) else None}
+

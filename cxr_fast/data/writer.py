@@ -36,7 +36,7 @@ from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.codec import ID_BYTES, IMAGE_EXT, IMAGE_SUFFIXES, BadInput, encode_id, encode_image, read_gray
 from cxr_fast.data.dicom import looks_like_dicom
-from cxr_fast.data.labels import multi_hot, read_label_table, read_split_list
+from cxr_fast.data.labels import demographics, multi_hot, read_label_table, read_split_list
 from cxr_fast.data.reader import FORMAT_VERSION
 from cxr_fast.data.shard_folder import ShardFolder
 from cxr_fast.data.split import plan_split, split_summary
@@ -52,7 +52,7 @@ def _write_shard(job: dict) -> dict:
     spec = ShardConfig(**job["spec"])
     tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
     tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
-    skipped, keys, patients, image_names = [], [], [], []
+    skipped, keys, patients, image_names, people = [], [], [], [], {"age": [], "sex": [], "view": []}
     try:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
@@ -80,6 +80,8 @@ def _write_shard(job: dict) -> dict:
                 keys.append(key)
                 patients.append(meta["patient_id"])
                 image_names.append(meta["image_index"])
+                for field, values in people.items():
+                    values.append(meta[field])
         if not keys:
             raise BadInput(job["tar"], "no sample of this shard could be read")
         tmp_idx.write_text(dali_index(tmp_tar))
@@ -90,7 +92,7 @@ def _write_shard(job: dict) -> dict:
         for tmp in (tmp_tar, tmp_idx):
             tmp.unlink(missing_ok=True)
     return {"name": job["name"], "sha256": digest, "samples": len(keys), "keys": keys, "patients": patients,
-            "image_index": image_names, "skipped": skipped, "digest": job["digest"]}
+            "image_index": image_names, **people, "skipped": skipped, "digest": job["digest"]}
 
 
 # ----------------------------------------------------------------------------------------------------- planning
@@ -152,9 +154,13 @@ def _digest(spec: ShardConfig, samples: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _whole(value) -> int | None:
+    return None if value is None or not np.isfinite(value) else int(value)
+
+
 def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], spec: ShardConfig, out: Path):
     """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
-    labels = multi_hot(table)
+    labels, people = multi_hot(table), demographics(table)
     rng = np.random.default_rng(spec.seed)
     jobs, keys = [], {}
     for split_name in C.SPLITS:
@@ -174,7 +180,8 @@ def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], s
                 "key": key, "path": str(path), "size": path.stat().st_size,
                 "meta": {"image_index": image, "patient_id": str(table.at[row, C.COL_PATIENT]),
                          "finding_labels": table.at[row, C.COL_LABELS], "labels": labels[row].tolist(),
-                         "split": split_name},
+                         "split": split_name, "age": _whole(people.at[row, "age"]), "sex": people.at[row, "sex"],
+                         "view": people.at[row, "view"], "follow_up": _whole(people.at[row, "follow_up"])},
             })
         for number, start in enumerate(range(0, len(samples), spec.shard_size)):
             chunk = samples[start:start + spec.shard_size]
@@ -268,8 +275,7 @@ def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
 
 def _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source, rows_without_image, skipped):
     written = {key for record in done.values() for key in record["keys"]}
-    keys = table[C.COL_IMAGE].str.rsplit(".", n=1).str[0]
-    kept = keys.isin(written)
+    kept = table[C.COL_IMAGE].map(sample_key).isin(written)
     summary = split_summary(table[kept].reset_index(drop=True), split[kept].reset_index(drop=True))
     shards = {}
     for job in jobs:

@@ -25,7 +25,11 @@ from cxr_fast.data.loader import create_loader, resolve_backend
 from cxr_fast.data.reader import load_manifest, sample_table
 from cxr_fast.data.transforms import normalize
 from cxr_fast.errors import CxrFastError
+from cxr_fast.calibration import apply_calibration
 from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
+from cxr_fast.evaluation.clinical import calibration_report, operating_point_report, subgroup_audit
+from cxr_fast.evaluation.clinical_report import (calibration_section, claim_section, operating_points_section,
+                                                plot_reliability, plot_subgroups, subgroup_section)
 from cxr_fast.evaluation.report import plot_curves, write_analysis_report
 from cxr_fast.metrics import per_class_report
 from cxr_fast.training.checkpoint import load_model
@@ -116,45 +120,74 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
         raise CxrFastError(f"split {split!r} is missing or empty in {shards_dir}")
     boxes = read_boxes(bbox) if bbox else None  # checked before the work starts
     model, info = load_model(checkpoint, target)
-    cfg = info.config
     samples = sample_table(manifest, split)
     boxed = set(boxes["image"]) if boxes is not None else set()
-    collector = ErrorCollector(info.thresholds, top_k, {k for k, (name, _) in samples.items() if name in boxed})
+    collector = ErrorCollector(info.thresholds, top_k, set(samples.index[samples["image_index"].isin(boxed)]))
 
-    loader = create_loader(backend, shards_dir, split, cfg.data, batch_size=batch_size, train=False, device=target)
+    loader = create_loader(backend, shards_dir, split, info.config.data, batch_size=batch_size, train=False,
+                           device=target)
     started = time.perf_counter()
-    result = evaluate(model, loader, FocalLoss(cfg.optim.focal_gamma), target, resolve_amp(cfg.amp, target),
-                      on_batch=collector)
+    result = evaluate(model, loader, FocalLoss(info.config.optim.focal_gamma), target,
+                      resolve_amp(info.config.amp, target), on_batch=collector)
     seconds = time.perf_counter() - started
     keys, probs, targets = result["keys"], result["probs"], result["targets"]
-    image_index = [samples[k][0] for k in keys]
-    patients = np.array([samples[k][1] for k in keys])
+    rows = samples.loc[keys]
     out.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in C.CLASS_NAMES])
-    frame.insert(0, "image_index", image_index)
-    frame.to_csv(out / "predictions.csv", index=False)
+    _write_predictions(out / "predictions.csv", rows["image_index"], probs, info.calibration)
 
-    metrics = per_class_report(targets, probs, info.thresholds, groups=patients, n_boot=n_boot)
+    metrics = per_class_report(targets, probs, info.thresholds, groups=rows["patient_id"].to_numpy(), n_boot=n_boot)
     metrics |= {"split": split, "checkpoint": str(checkpoint), "checkpoint_epoch": info.epoch,
                 "threshold_source": "F1-optimal per class on the validation split, stored in the checkpoint",
                 "inference_images_per_second": len(keys) / seconds, "device": str(target),
                 "loader": resolve_backend(backend, target)}
     curves = plot_curves(targets, probs, info.thresholds, out / "curves")
-    row_of = {key: row for row, key in enumerate(keys)}
-    errors = {kind: {name: [(row_of[key], p) for key, p in rows] for name, rows in per_class.items()}
-              for kind, per_class in collector.errors().items()}
-    images = collector.images
-    explainer = CamExplainer(model)
-    gallery = _write_gallery(errors, keys, image_index, targets, probs, info.thresholds, images, explainer, cfg,
-                             target, out / "visualizations")
-    localization = _localization(boxes, keys, image_index, images, explainer, cfg, target) \
-        if boxes is not None else None
+    clinical = _clinical(metrics, targets, probs, info, rows, manifest, split, n_boot, out / "curves")
+    gallery, localization = _explain(model, info, collector, keys, list(rows["image_index"]), targets, probs, boxes,
+                                     target, out / "visualizations")
     metrics["localization"] = localization
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-    report = write_analysis_report(out, metrics, curves, gallery, localization)
+    report = write_analysis_report(out, metrics, curves, gallery, localization, clinical)
     log.info("analysis of %d %s images: macro AUROC %.4f; report %s", len(keys), split,
              metrics["macro"]["auroc"], report)
     return metrics
+
+
+def _write_predictions(path: Path, image_index: pd.Series, probs: np.ndarray, calibration: dict | None) -> None:
+    """image_index, prob_<Class> (the model's output) and, with a calibration, calibrated_<Class>."""
+    frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in C.CLASS_NAMES])
+    if calibration:
+        calibrated = apply_calibration(probs, calibration)
+        frame[[f"calibrated_{c}" for c in C.CLASS_NAMES]] = calibrated
+    frame.insert(0, "image_index", list(image_index))
+    frame.to_csv(path, index=False)
+
+
+def _clinical(metrics, targets, probs, info, rows, manifest, split, n_boot, folder) -> list[str]:
+    """Calibration, operating points and the subgroup audit into `metrics`; their report sections."""
+    metrics["calibration"] = calibration_report(targets, probs, info.calibration)
+    points = info.operating_points or {"max_f1": info.thresholds.tolist()}
+    metrics["operating_points"] = operating_point_report(targets, probs, points)
+    metrics["subgroups"], metrics["subgroup_gaps"] = subgroup_audit(targets, probs, info.thresholds, rows,
+                                                                    min(n_boot, 200))
+    return [*claim_section(manifest, split),
+            *calibration_section(metrics["calibration"], plot_reliability(metrics["calibration"],
+                                                                          folder / "reliability.png")),
+            *operating_points_section(metrics["operating_points"]),
+            *subgroup_section(metrics["subgroups"], metrics["subgroup_gaps"],
+                              plot_subgroups(metrics["subgroups"], folder / "subgroups.png"))]
+
+
+def _explain(model, info, collector, keys, image_index, targets, probs, boxes, device, folder):
+    """The Grad-CAM++ gallery of the collected errors and the localisation against the boxes."""
+    row_of = {key: row for row, key in enumerate(keys)}
+    errors = {kind: {name: [(row_of[key], p) for key, p in chosen] for name, chosen in per_class.items()}
+              for kind, per_class in collector.errors().items()}
+    explainer = CamExplainer(model)
+    gallery = _write_gallery(errors, keys, image_index, targets, probs, info.thresholds, collector.images, explainer,
+                             info.config, device, folder)
+    localization = _localization(boxes, keys, image_index, collector.images, explainer, info.config, device) \
+        if boxes is not None else None
+    return gallery, localization
 
 
 def _model_input(image: np.ndarray, cfg, device: torch.device) -> torch.Tensor:

@@ -70,9 +70,11 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def write_analysis_report(out: Path, metrics: dict, curves: dict, gallery: dict, localization: dict | None) -> Path:
-    """report.md: summary, per-class table, curves, error gallery, localisation, and how thresholds were chosen."""
-    sections = [_summary(metrics), _class_table(metrics), _curves(curves), _gallery(gallery),
+def write_analysis_report(out: Path, metrics: dict, curves: dict, gallery: dict, localization: dict | None,
+                          clinical: list[str] | None = None) -> Path:
+    """report.md: summary, how thresholds were chosen, per-class table, the clinical sections (data, calibration,
+    operating points, subgroups), curves, error gallery, localisation."""
+    sections = [_summary(metrics), _class_table(metrics), clinical or [], _curves(curves), _gallery(gallery),
                 _localization(localization)]
     path = out / "report.md"
     path.write_text("\n".join(line for section in sections for line in section))

@@ -8,7 +8,8 @@ None), so it is read with `weights_only=True`: opening a file someone shared can
   optimizer, scheduler, scaler    state dicts, for exact resume
   epoch, step, batch_in_epoch, history, best_auc, rng (per rank)   the position in the run
   thresholds, val                 per-class F1-optimal thresholds and the record of the validation they came from
-  calibration                     per-class temperatures fitted on that validation (None before the first one)
+  operating_points                per-class thresholds for max F1, sensitivity >= 0.90 and specificity >= 0.90
+  calibration                     per-class Platt parameters fitted on that validation (None before the first one)
   checksum                        sha256 over everything else, verified on load: a damaged file is refused
 
 Writes are atomic (temporary file, fsync, `os.replace`). Format 1 (cxr-fast 0.1, numpy RNG state, no checksum) is
@@ -183,7 +184,8 @@ class ModelInfo:
     config: RunConfig
     classes: list[str]
     thresholds: np.ndarray | None  # per class, F1-optimal on validation; None before the first validation
-    calibration: dict | None  # {"method": "temperature", "temperatures": [14 floats]}
+    calibration: dict | None  # {"method": "platt", "a": [14], "b": [14]} (calibration.py), fitted on validation
+    operating_points: dict | None  # {"max_f1" | "sensitivity_90" | "specificity_90": [14 thresholds]}
     epoch: int
     val: dict | None
     weights: str  # "ema" or "model": which state the thresholds were chosen with
@@ -208,24 +210,34 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", need_thresh
     thresholds = payload.get("thresholds")
     info = ModelInfo(Path(path), config, list(payload.get("class_names") or C.CLASS_NAMES),
                      None if thresholds is None else np.asarray(thresholds, dtype=np.float64),
-                     payload.get("calibration"), int(payload.get("epoch", 0)), payload.get("val"), weights)
+                     payload.get("calibration"), payload.get("operating_points"), int(payload.get("epoch", 0)),
+                     payload.get("val"), weights)
     return model.to(device).eval(), info
 
 
 # ------------------------------------------------------------------------------------------------- a run's state
-def training_payload(state, config: RunConfig, rng: list | dict, best_auc: float, thresholds=None, val=None,
-                     calibration=None) -> dict:
-    """The checkpoint of a run at a step boundary (`state` is the engine's TrainState)."""
+def training_payload(state, config: RunConfig, rng: list | dict, best_auc: float, chosen: dict | None = None,
+                     val: dict | None = None) -> dict:
+    """The checkpoint of a run at a step boundary (`state` is the engine's TrainState). `chosen` holds what the
+    latest validation chose: thresholds (max-F1), operating_points and calibration."""
     from cxr_fast.config import to_dict
     from cxr_fast.training.engine import unwrap
 
+    chosen = chosen or {}
     return {"model": unwrap(state.model).state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
             "ema": state.ema.module.state_dict() if state.ema is not None else None, "epoch": state.epoch,
             "step": state.step, "batch_in_epoch": state.batch_in_epoch, "history": dict(state.history), "rng": rng,
             "config": to_dict(config), "class_names": list(C.CLASS_NAMES), "best_auc": float(best_auc),
-            "thresholds": None if thresholds is None else [float(t) for t in thresholds], "val": val,
-            "calibration": calibration}
+            "thresholds": chosen.get("thresholds"), "operating_points": chosen.get("operating_points"),
+            "calibration": chosen.get("calibration"), "val": val}
+
+
+def chosen_on_validation(payload: dict) -> dict | None:
+    """What a checkpoint's validation chose (see training_payload), or None before the first one."""
+    if payload.get("thresholds") is None:
+        return None
+    return {key: payload.get(key) for key in ("thresholds", "operating_points", "calibration")}
 
 
 def restore_training(payload: dict, state, rank: int) -> float:

@@ -29,8 +29,10 @@ from cxr_fast.data.loader import create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
-from cxr_fast.metrics import best_f1_threshold, macro_auc
-from cxr_fast.training.checkpoint import CheckpointSaver, restore_training, rng_states, training_payload
+from cxr_fast.calibration import fit_calibration
+from cxr_fast.metrics import macro_auc, operating_points
+from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
+                                          training_payload)
 from cxr_fast.training.engine import (EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp,
                                       resolve_device, train_one_epoch, warmup_cosine)
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
@@ -184,6 +186,7 @@ class Run:
         self.plan = plan_epochs(cfg, manifest, env.world)
         self.state = build_state(cfg, self.plan, env, model, ema)
         self.best_auc = restore_training(resumed, self.state, env.rank) if resumed is not None else -1.0
+        self.chosen = chosen_on_validation(resumed) if resumed is not None else None  # kept in every last.pt
         weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
             if cfg.optim.class_weighting == "inverse_frequency" else None
         self.loss_fn = FocalLoss(cfg.optim.focal_gamma, weights).to(env.device)
@@ -209,14 +212,14 @@ class Run:
                  self.cfg.model.name, self.env.device, self.env.world, p.train_images, p.steps_per_epoch,
                  o.batch_size, o.accum, self.env.world, o.epochs)
 
-    def save(self, thresholds=None, record=None, best: bool = False) -> None:
+    def save(self, record=None, best: bool = False) -> None:
         rng = rng_states()
         if self.env.distributed:
             gathered = [None] * self.env.world
             dist.all_gather_object(gathered, rng)
             rng = gathered
         if self.env.is_main:
-            self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, thresholds, record), best)
+            self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, self.chosen, record), best)
 
     def train_epoch(self) -> EpochStats | None:
         """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop)."""
@@ -241,28 +244,31 @@ class Run:
         finally:
             del loader
 
-    def validate(self) -> tuple[dict, list[float]]:
-        """Metrics of the validation split (every sample once across ranks) and the F1-optimal thresholds."""
+    def validate(self) -> dict:
+        """Metrics of the validation split (every sample once across ranks); sets `self.chosen`: the per-class
+        thresholds of the three operating points and the calibration, all fitted on these predictions."""
         cfg, env = self.cfg, self.env
         loader = create_loader(cfg.loader, self.shards_dir, "val", cfg.data, batch_size=cfg.optim.batch_size * 2,
                                train=False, device=env.device, rank=env.rank, world_size=env.world)
         model = self.state.ema.module if self.state.ema is not None else self.state.model
         result = evaluate(model, loader, self.loss_fn, env.device, self.state.amp_dtype, env.distributed,
                           self.show_progress)
-        auc, per_class = macro_auc(result["targets"], result["probs"])
-        thresholds = [best_f1_threshold(result["targets"][:, c], result["probs"][:, c])
-                      for c in range(C.NUM_CLASSES)]
-        record = {"val_loss": float(result["loss"]), "val_macro_auc": float(auc),
-                  "val_auc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(C.CLASS_NAMES, per_class)},
-                  "val_images": len(result["keys"])}
-        return record, thresholds
+        targets, probs = result["targets"], result["probs"]
+        auc, per_class = macro_auc(targets, probs)
+        points = operating_points(targets, probs)
+        self.chosen = {"thresholds": [float(t) for t in points["max_f1"]], "calibration":
+                       fit_calibration(targets, probs),
+                       "operating_points": {k: [float(t) for t in v] for k, v in points.items()}}
+        return {"val_loss": float(result["loss"]), "val_macro_auc": float(auc),
+                "val_auc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(C.CLASS_NAMES, per_class)},
+                "val_images": len(result["keys"])}
 
     def epoch_end(self, stats: EpochStats | None) -> dict:
         """Validate, then write the epoch's record and checkpoints. `stats` is None when the epoch's training was
         done before a resume (only its validation was left)."""
         history = self.state.history
         train_loss = history["loss_sum"] / max(1, history["loss_count"])  # already averaged over ranks
-        record, thresholds = self.validate()
+        record = self.validate()
         state = self.state
         state.epoch += 1
         state.batch_in_epoch = 0
@@ -278,7 +284,7 @@ class Run:
             self.monitor.epoch(record)
             log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUC %.4f%s", state.epoch, train_loss,
                      record["val_loss"], record["val_macro_auc"], " (best)" if improved else "")
-        self.save(thresholds, record, best=improved)
+        self.save(record, best=improved)
         return record
 
     def stopped(self) -> dict:

@@ -32,7 +32,8 @@ def test_whole_command_on_the_cpu(tiny_run, synth_shards, tmp_path):
     predictions = pd.read_csv(out / "predictions.csv")
     test_count = json.loads((synth_shards / "manifest.json").read_text())["splits"]["test"]["images"]
     assert len(predictions) == test_count and predictions["image_index"].is_unique
-    assert list(predictions.columns) == ["image_index"] + [f"prob_{c}" for c in C.CLASS_NAMES]
+    assert list(predictions.columns) == ["image_index"] + [f"{kind}_{c}" for kind in ("prob", "calibrated")
+                                                            for c in C.CLASS_NAMES]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["classes"]) == set(C.CLASS_NAMES)
     report = (out / "report.md").read_text()
