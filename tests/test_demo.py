@@ -1,7 +1,8 @@
 """End to end, as the README's first command runs it: the demo on the CPU, on 800 synthetic images.
 
-This is also the trainer's acceptance check: a tiny ConvNeXt trained from scratch through the DALI loader at
-128 px must reach a validation macro AUROC of at least 0.85.
+This is also the trainer's acceptance check: a tiny ConvNeXt trained from scratch at 128 px (through the loader
+`auto` picks, the DataLoader on the CPU) must reach a validation macro AUROC of at least 0.85, and the calibration
+fitted on validation must not make the test split's macro ECE worse.
 """
 
 import json
@@ -28,5 +29,11 @@ def test_demo_runs_end_to_end_and_the_tiny_convnext_learns(tmp_path):
     print("validation macro AUROC per epoch:", [round(r["val_macro_auc"], 3) for r in records])
     assert records[-1]["val_macro_auc"] >= 0.85
     config = (out / "run/config.yaml").read_text()
-    assert "loader: dali" in config and "image_size: 128" in config and "name: convnext_atto" in config
+    assert "loader: auto" in config and "image_size: 128" in config and "name: convnext_atto" in config
+    metrics = json.loads((out / "analysis/metrics.json").read_text())
+    print("test macro ECE before/after calibration:", metrics["calibration"]["macro"])
+    assert metrics["calibration"]["macro"]["ece"] <= metrics["calibration"]["macro"]["ece_uncalibrated"]
+    report = (out / "analysis/report.md").read_text()
+    assert "curves/reliability.png" in report and "curves/subgroups.png" in report
+    assert (out / "analysis/curves/reliability.png").exists() and (out / "analysis/curves/subgroups.png").exists()
     assert json.loads((out / "bench-loader.json").read_text())["images_per_second"] > 0
