@@ -49,6 +49,8 @@ def setting(cls: type, path: str, *decls: str, **kwargs):
         if all(isinstance(c, int) for c in rule["choices"]):
             kwargs.setdefault("callback", lambda _c, _p, v: None if v is None else int(v))
             kwargs["default"] = str(default)
+    elif str(f.type) == "int | str":
+        kwargs.setdefault("metavar", "auto|N")
     elif "type" not in kwargs and str(f.type).endswith("| None"):
         kwargs["type"] = {"int | None": int, "float | None": float, "str | None": str}[str(f.type)]
     return click.option(*(decls or (flag,)), **kwargs)

@@ -11,6 +11,8 @@ it is made, most valuable first, so a run cut off by its time limit keeps everyt
      train     `cxr-fast train` itself for one epoch, at --batch-size auto and at the seed's 4 (x 8).
      cli       `cxr-fast bench loader --loader auto` and `cxr-fast bench train` as shipped.
   5. compile   torch.compile at the best micro-batch: compile seconds and images/s.
+     engine    the trainer's engine on on-device batches at 4 x 8 and 32 x 1, cudnn.benchmark and fused AdamW each
+               on and off (`--only engine`: separates those two from the loader).
 
 --rehearse runs every step on the CPU with a tiny model and a few images (DALI's GPU variants are skipped there).
 """
