@@ -177,7 +177,7 @@ def preview(shards, split, backend, augment, n, image_size, seed, out) -> None:
 _TRAIN_SETTINGS = ("model.name", "model.pretrained", "model.weights", "model.compile", "data.image_size",
                    "data.in_chans", "data.workers", "optim.batch_size", "optim.accum", "optim.epochs", "optim.lr",
                    "optim.ema_decay", "optim.effective_batch", "device", "loader", "amp", "seed", "max_steps",
-                   "tensorboard")
+                   "tensorboard", "cudnn_benchmark")
 
 
 def _train_options(command):

@@ -265,6 +265,8 @@ class RunConfig(_Checked):
     max_steps: int | None = setting(None, "Stop after N optimizer steps (the schedule is kept).",
                                     flag="--max-steps", ge=1)
     tensorboard: bool = setting(False, "Also write TensorBoard scalars to OUT/tensorboard/.", flag="--tensorboard")
+    cudnn_benchmark: bool = setting(True, "On CUDA, let cuDNN time its kernels once per input shape and keep the "
+                                    "fastest.", flag="--cudnn-benchmark")
 
 
 def describe(cls: type, path: str) -> tuple[Any, dataclasses.Field]:

@@ -39,6 +39,7 @@ from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.memory import resolve_batch
 from cxr_fast.training.model import create_model
 from cxr_fast.training.monitor import RunMonitor
+from cxr_fast.training.resume import claim_run_folder, resumed_config
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class _StopFlag:
         return stop
 
 
-def setup_distributed(device_choice: str) -> Env:
+def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
@@ -107,7 +108,7 @@ def setup_distributed(device_choice: str) -> Env:
         raise CxrFastError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible to this process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # fixed input shapes: cuDNN picks its kernels once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Env(rank, world, device)
@@ -319,53 +320,6 @@ class Run:
         return record
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "curves.png", "tensorboard")
-
-
-def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
-    """The earlier run's files that --overwrite will replace; an occupied folder without --resume or --overwrite is
-    an error, so a finished run is never replaced by accident. Files other than a run's are left alone."""
-    if resume and overwrite:
-        raise CxrFastError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    existing = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not resume and not overwrite:
-        raise CxrFastError(f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}); continue it with "
-                           "--resume, replace it with --overwrite, or choose another --out")
-    return existing if overwrite else []
-
-
-# What a resumed run may change: how far it goes, and how many loader workers feed it. Anything else would make it
-# another run, which belongs in another folder.
-RESUMABLE = ("optim.epochs", "max_steps", "data.workers", "tensorboard")
-
-
-def resumed_config(saved: RunConfig, changes: dict, at_epoch: int) -> RunConfig:
-    """The saved run's config with the changes a resume may make; any other change is an error naming its flag."""
-    from cxr_fast.config import describe
-
-    for path, value in changes.items():
-        old = getattr_path(saved, path)
-        if path not in RESUMABLE and value != old:
-            flag = describe(RunConfig, path)[1].metadata.get("flag") or path
-            raise CxrFastError(f"--resume continues the run as it was set up: {flag} {value} differs from its "
-                               f"{old}. Start a new run (another --out) to change it")
-    epochs = changes.get("optim.epochs", saved.optim.epochs)
-    if epochs != saved.optim.epochs:
-        if epochs < at_epoch + (1 if at_epoch < saved.optim.epochs else 0):
-            raise CxrFastError(f"--epochs {epochs}: the run has done {at_epoch} epoch(s) already")
-        log.warning("--epochs %d instead of %d: the cosine schedule is re-planned over %d epochs from the current "
-                    "step (the learning rate from here on follows the new schedule)", epochs, saved.optim.epochs,
-                    epochs)
-    kept = {path: value for path, value in changes.items() if path in RESUMABLE}
-    return replace(saved, **kept | {"max_steps": changes.get("max_steps")})
-
-
-def getattr_path(config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False,
                  show_progress: bool = True, overwrite: bool = False, changes: dict | None = None) -> dict:
     """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
@@ -381,7 +335,7 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
         if resumed is not None:
             saved = from_dict(RunConfig, resumed["config"], where=f"{out_dir} checkpoint config")
             cfg = resumed_config(saved, changes or {}, resumed["epoch"])
-        env = setup_distributed(cfg.device)
+        env = setup_distributed(cfg.device, cfg.cudnn_benchmark)
         np.random.seed(cfg.seed + env.rank)
         previous_handler = run = None
         try:
