@@ -13,12 +13,9 @@ import numpy as np  # noqa: E402
 
 from cxr_fast import constants as C  # noqa: E402
 from cxr_fast.evaluation.clinical import SMALL_GROUP_IMAGES  # noqa: E402
+from cxr_fast.evaluation.report import fmt  # noqa: E402
 
 POINT_NAMES = {"max_f1": "max F1", "sensitivity_90": "sensitivity ≥ 0.90", "specificity_90": "specificity ≥ 0.90"}
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
 def plot_reliability(calibration: dict, path: Path) -> str:
@@ -75,13 +72,13 @@ def claim_section(manifest: dict, split: str) -> list[str]:
         d, n = part["demographics"], max(part["images"], 1)
         ages = " | ".join(f"{d['age_band'][b] / n:.0%}" for b in C.AGE_BANDS)
         lines.append(f"| {name} | {part['images']:,} | {part['patients']:,} | {d['sex']['F'] / n:.0%} | "
-                     f"{d['sex']['M'] / n:.0%} | {_fmt(d['age_mean'], 1)} ({_fmt(d['age_median'], 0)}) | {ages} | "
+                     f"{d['sex']['M'] / n:.0%} | {fmt(d['age_mean'], 1)} ({fmt(d['age_median'], 0)}) | {ages} | "
                      f"{d['view']['PA'] / n:.0%} | {d['view']['AP'] / n:.0%} |")
     return lines + ["", "Shares of each partition's images; unknown values are counted in the manifest.", ""]
 
 
 def calibration_section(calibration: dict, figure: str) -> list[str]:
-    rows = [f"| {name} | {_fmt(calibration[name]['ece_uncalibrated'])} | {_fmt(calibration[name]['ece'])} |"
+    rows = [f"| {name} | {fmt(calibration[name]['ece_uncalibrated'])} | {fmt(calibration[name]['ece'])} |"
             for name in C.CLASS_NAMES]
     macro = calibration["macro"]
     return ["## Calibration", "",
@@ -93,7 +90,7 @@ def calibration_section(calibration: dict, figure: str) -> list[str]:
             "fitted on the validation split when the checkpoint was saved; it keeps the ranking, so AUROC and the "
             "decisions at the operating points do not change. `predictions.csv` has both: `prob_<Class>` is the "
             "model's output, `calibrated_<Class>` the calibrated one.", "",
-            f"Macro ECE: **{_fmt(macro['ece_uncalibrated'])}** before, **{_fmt(macro['ece'])}** after.", "",
+            f"Macro ECE: **{fmt(macro['ece_uncalibrated'])}** before, **{fmt(macro['ece'])}** after.", "",
             "| finding | ECE, model output | ECE, calibrated |", "|---|---:|---:|", *rows, "",
             f"![Reliability diagram](curves/{figure})", ""]
 
@@ -111,9 +108,9 @@ def operating_points_section(points: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|"]
     for name in C.CLASS_NAMES:
         for point, stats in points[name].items():
-            lines.append(f"| {name} | {POINT_NAMES.get(point, point)} | {_fmt(stats['threshold'])} | "
-                         f"{_fmt(stats['sensitivity'])} | {_fmt(stats['specificity'])} | {_fmt(stats['ppv'])} | "
-                         f"{_fmt(stats['npv'])} |")
+            lines.append(f"| {name} | {POINT_NAMES.get(point, point)} | {fmt(stats['threshold'])} | "
+                         f"{fmt(stats['sensitivity'])} | {fmt(stats['specificity'])} | {fmt(stats['ppv'])} | "
+                         f"{fmt(stats['npv'])} |")
     return lines + [""]
 
 
@@ -131,11 +128,11 @@ def subgroup_section(subgroups: dict, gaps: dict, figure: str) -> list[str]:
             aucs = [v for v in e["auroc"].values() if v is not None]
             macro = float(np.mean(aucs)) if aucs else None
             lines.append(f"| {attr} | {group}{' (small)' if e['small'] else ''} | {e['images']} | {e['patients']} | "
-                         f"{_fmt(macro)} | {_fmt(e['underdiagnosis'])} |")
+                         f"{fmt(macro)} | {fmt(e['underdiagnosis'])} |")
     lines += ["", "Largest true-positive-rate gap between groups, per class (groups with enough images and at least "
               "10 positives; n/a when fewer than two qualify):", "",
               "| finding | " + " | ".join(f"TPR gap by {a}" for a in gaps) + " |",
               "|---|" + "---:|" * len(gaps)]
     for name in C.CLASS_NAMES:
-        lines.append(f"| {name} | " + " | ".join(_fmt(gaps[a][name]["tpr"]) for a in gaps) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(gaps[a][name]["tpr"]) for a in gaps) + " |")
     return lines + ["", f"![True-positive rate by subgroup](curves/{figure})", ""]

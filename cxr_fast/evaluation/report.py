@@ -66,7 +66,8 @@ def _draw_curve(ax, kind, y, scores, threshold, name):
     ax.set_ylim(0, 1.02)
 
 
-def _fmt(value, digits: int = 3) -> str:
+def fmt(value, digits: int = 3) -> str:
+    """A number for a report table, or n/a."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -91,9 +92,9 @@ def _summary(metrics: dict) -> list[str]:
         f"({metrics['loader']} loader).",
         "",
         "## Summary",
-        f"- Macro AUROC **{_fmt(macro['auroc'])}**, macro average precision {_fmt(macro['average_precision'])}, "
-        f"macro F1 {_fmt(macro['f1'])} (means over the classes where each is defined).",
-        f"- Micro AUROC {_fmt(micro['auroc'])}, micro F1 {_fmt(micro['f1'])} (all image-class pairs pooled).",
+        f"- Macro AUROC **{fmt(macro['auroc'])}**, macro average precision {fmt(macro['average_precision'])}, "
+        f"macro F1 {fmt(macro['f1'])} (means over the classes where each is defined).",
+        f"- Micro AUROC {fmt(micro['auroc'])}, micro F1 {fmt(micro['f1'])} (all image-class pairs pooled).",
         "",
         "## How the decision thresholds were chosen",
         "Each class has its own threshold: the one that maximised F1 on the **validation** split when the checkpoint "
@@ -108,10 +109,10 @@ def _class_table(metrics: dict) -> list[str]:
     rows = []
     for name, m in metrics["classes"].items():
         ci = m.get("auroc_ci95")
-        ci_text = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and np.isfinite(ci[0]) else ""
-        rows.append(f"| {name} | {m['support']} | {m['prevalence']:.2%} | {_fmt(m['auroc'])}{ci_text} | "
-                    f"{_fmt(m['average_precision'])} | {_fmt(m['threshold'])} | {_fmt(m['f1'])} | "
-                    f"{_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['specificity'])} |")
+        ci_text = f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci and np.isfinite(ci[0]) else ""
+        rows.append(f"| {name} | {m['support']} | {m['prevalence']:.2%} | {fmt(m['auroc'])}{ci_text} | "
+                    f"{fmt(m['average_precision'])} | {fmt(m['threshold'])} | {fmt(m['f1'])} | "
+                    f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['specificity'])} |")
     undefined = [f"- **{n}**: {m['undefined']}" for n, m in metrics["classes"].items() if "undefined" in m]
     return [
         "## Per class",
