@@ -102,3 +102,16 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits=8, window=None, rl
         ds.compress(RLELossless)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def assert_same_run(whole_record, resumed_record, whole_dir, resumed_dir):
+    """A resumed run ended exactly where the uninterrupted one did: the same metrics and the same weights."""
+    import torch
+
+    from cxr_fast.training.checkpoint import load_checkpoint
+
+    for key in ("val_macro_auc", "val_loss", "train_loss", "step", "epoch"):
+        assert resumed_record[key] == whole_record[key], key
+    a = load_checkpoint(whole_dir / "checkpoints/last.pt")["model"]
+    b = load_checkpoint(resumed_dir / "checkpoints/last.pt")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)

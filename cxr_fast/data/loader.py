@@ -152,8 +152,8 @@ class _Loader:
 
 class TorchLoader(_Loader):
     def __init__(self, tars, lo, hi, cfg, batch_size, train, device, seed, normalize):
-        workers = min(cfg.workers, math.ceil((hi - lo) / batch_size))  # no idle workers
         super().__init__(cfg, device, normalize, math.ceil((hi - lo) / batch_size))
+        workers = min(cfg.workers, self.batches)  # no idle workers
         dataset = ShardDataset(tars, lo, hi, batch_size, cfg, train, seed)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",

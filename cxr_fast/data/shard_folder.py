@@ -43,19 +43,20 @@ class ShardFolder:
         if foreign:
             raise CxrFastError(f"{self.out} holds files cxr-fast did not write ({', '.join(foreign[:3])}"
                                f"{' …' if len(foreign) > 3 else ''}); choose an empty or new --out")
-        for name in (PROGRESS, MANIFEST):
-            path = self.out / name
-            if not path.exists():
-                continue
-            try:
-                state = json.loads(path.read_text())
-                self.records = dict(state["shards"])
-            except (OSError, ValueError, KeyError, TypeError):
-                raise CxrFastError(f"{path} is unreadable or not cxr-fast's; remove it or choose another --out") \
-                    from None
-            if name == MANIFEST:
-                self.complete = state
-            return
+        # A manifest marks a complete set; a progress file, more recent, the shards a later run has finished since.
+        self.complete, progress = self._read(MANIFEST), self._read(PROGRESS)
+        self.records = dict((progress or self.complete or {"shards": {}})["shards"])
+
+    def _read(self, name: str) -> dict | None:
+        path = self.out / name
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            dict(state["shards"])
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CxrFastError(f"{path} is unreadable or not cxr-fast's; remove it or choose another --out") from None
 
     def prepare(self, jobs: list[dict]) -> dict:
         """Make room for the plan; returns the records of shards already complete and correct."""

@@ -120,9 +120,11 @@ def subgroup_section(subgroups: dict, gaps: dict, figure: str) -> list[str]:
              "(Seyyed-Kalantari et al. 2021) found true-positive-rate gaps of up to 0.20 between women and men. Per "
              "group below: images, patients, macro AUROC, and the under-diagnosis rate — the share of images with "
              "at least one finding that the model calls No Finding at the max-F1 thresholds. Groups under "
-             f"{SMALL_GROUP_IMAGES} images are marked *small*: their numbers are shown but too uncertain to compare; per-class AUROC "
-             "with patient-bootstrap 95% intervals, TPR and FPR are in `metrics.json` (`subgroups`).", "",
-             "| attribute | group | images | patients | macro AUROC | under-diagnosis |", "|---|---|---:|---:|---:|---:|"]
+             f"{SMALL_GROUP_IMAGES} images are marked *small*: their numbers are shown but too uncertain to compare; "
+             "per-class AUROC with patient-bootstrap 95% intervals, TPR and FPR are in `metrics.json` "
+             "(`subgroups`).", "",
+             "| attribute | group | images | patients | macro AUROC | under-diagnosis |",
+             "|---|---|---:|---:|---:|---:|"]
     for attr, groups in subgroups.items():
         for group, e in groups.items():
             aucs = [v for v in e["auroc"].values() if v is not None]

@@ -119,11 +119,17 @@ def predict(model_path: Path, inputs: list[Path], out: Path, device: torch.devic
         from cxr_fast.evaluation.cam import CamExplainer
 
         explainer = CamExplainer(scorer.model)
+    chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool, tqdm(total=len(files), unit="img",
                                                                      desc="predict") as progress:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            prepared = list(pool.map(lambda p: _prepare(p, scorer.data, max_pixels), chunk))
+        def submit(chunk):  # Executor.map starts the work at once: the next chunk is read while this one scores
+            return pool.map(lambda p: _prepare(p, scorer.data, max_pixels), chunk)
+
+        queued = submit(chunks[0])
+        for index, chunk in enumerate(chunks):
+            prepared = list(queued)
+            if index + 1 < len(chunks):
+                queued = submit(chunks[index + 1])
             rows += _score(scorer, chunk, prepared, explainer, out)
             progress.update(len(chunk))
     table = pd.DataFrame(rows)

@@ -127,7 +127,8 @@ def _agree(tensor: torch.Tensor) -> list[float]:
 def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch.device, batches: int,
                     stop_requested, show_progress: bool = True) -> EpochStats:
     """Run micro-batches until `batches` (a multiple of accum) are done or a rank's `stop_requested(step)` says so
-    for the step about to be taken (it is taken, then the epoch stops). Resumes inside an epoch by skipping the `state.batch_in_epoch` batches already trained on.
+    for the step about to be taken (it is taken, then the epoch stops). Resumes inside an epoch by skipping the
+    `state.batch_in_epoch` batches already trained on.
 
     Losses stay on the device; once per optimizer step, before the step, one collective brings the step's loss, a
     non-finite flag and the stop requests of all ranks to the host, so all ranks raise or stop together."""

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 
 from cxr_fast import constants as C
-from cxr_fast.config import RunConfig, dump_yaml, from_dict, replace
+from cxr_fast.calibration import fit_calibration
+from cxr_fast.config import RunConfig, dump_yaml, from_dict
 from cxr_fast.data.loader import create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
-from cxr_fast.calibration import fit_calibration
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
                                           training_payload)
@@ -114,6 +114,14 @@ def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
     return Env(rank, world, device)
 
 
+def check_splits(manifest: dict, world: int) -> None:
+    """Before any model is built: a training image per rank and a validation split to choose thresholds on."""
+    if manifest["splits"]["train"]["images"] < world:
+        raise CxrFastError(f"{manifest['splits']['train']['images']} training images are too few for {world} rank(s)")
+    if not manifest["splits"]["val"]["images"]:
+        raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
+
+
 def plan_epochs(cfg: RunConfig, manifest: dict, world: int) -> Plan:
     """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
     shuffle)."""
@@ -123,8 +131,6 @@ def plan_epochs(cfg: RunConfig, manifest: dict, world: int) -> Plan:
     if steps < 1:
         raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world} "
                            "rank(s); lower --batch-size or --accum")
-    if not manifest["splits"]["val"]["images"]:
-        raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
     return Plan(n_train, steps, steps * accum)
 
 
@@ -179,7 +185,7 @@ class Run:
         self.cfg, self.shards_dir, self.out_dir, self.env = cfg, shards_dir, out_dir, env
         self.show_progress = show_progress and env.is_main
         manifest = load_manifest(shards_dir)
-        plan_epochs(replace(cfg, **{"optim.batch_size": 1, "optim.accum": 1}), manifest, env.world)  # splits first
+        check_splits(manifest, env.world)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
         model, ema = build_model(cfg, env, resumed)
         torch.manual_seed(cfg.seed + env.rank)  # then each rank its own dropout and augmentation draws
@@ -326,7 +332,7 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
     <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder.
 
     With resume, the run's config comes from last.pt and `cfg` is not used; `changes` (dotted config paths → values,
-    the flags given) may extend --epochs or set --max-steps and --workers, and any other change is an error."""
+    the flags given) may change what `resume.RESUMABLE` lists, and any other change is an error."""
     out_dir = Path(out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with folder_lock(out_dir, "a training run") if is_main else contextlib.nullcontext():

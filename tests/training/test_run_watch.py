@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import assert_same_run
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.config import RunConfig, replace
@@ -68,11 +69,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(synth_shards, 
     monkeypatch.undo()
     assert stopped["stopped"] == "SIGTERM" and 0 < stopped["step"] < whole["step"]
     resumed = run_training(RunConfig(), synth_shards, tmp_path / "parts", resume=True, show_progress=False)
-    for key in ("val_macro_auc", "val_loss", "train_loss", "step", "epoch"):
-        assert resumed[key] == whole[key], key
-    a = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")["model"]
-    b = load_checkpoint(tmp_path / "parts/checkpoints/last.pt")["model"]
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
 
 
 def test_resume_extends_epochs_and_refuses_other_changes(synth_shards, tmp_path, caplog):

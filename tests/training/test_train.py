@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from conftest import assert_same_run
 from cxr_fast import constants as C
 from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr_fast.config import ModelConfig, RunConfig, replace
@@ -35,11 +36,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(synth_shards, tmp_path):
     assert stopped == {"stopped": "--max-steps 3", "step": 3}
     assert load_checkpoint(tmp_path / "parts/checkpoints/last.pt")["batch_in_epoch"] == 6  # mid-epoch
     resumed = run_training(tiny(), synth_shards, tmp_path / "parts", resume=True, show_progress=False)
-    for key in ("val_macro_auc", "val_loss", "train_loss", "step", "epoch"):
-        assert resumed[key] == whole[key], key
-    a = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")["model"]
-    b = load_checkpoint(tmp_path / "parts/checkpoints/last.pt")["model"]
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
     records = _records(tmp_path / "whole")
     assert [r["epoch"] for r in records] == [1, 2]
     assert set(records[0]) >= {"epoch", "train_loss", "val_loss", "val_macro_auc", "val_auc"}
