@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from cxr_fast.bench import machine
+from cxr_fast.bench.machine import machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-sample" / "images"
 STAGES = ["decode", "resize", "clahe", "warp_affine", "brightness_contrast", "noise", "normalize"]

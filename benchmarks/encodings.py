@@ -20,21 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_fast.bench import bench_decode, bench_loader, machine
-from cxr_fast.config import DataConfig, ShardConfig
-from cxr_fast.data.loader import create_loader
+from cxr_fast.bench.loader import bench_decode, bench_loader
+from cxr_fast.bench.machine import machine
+from cxr_fast.config import BenchLoaderConfig, DataConfig, ShardConfig
+from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.data.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-LOADERS = {"dali-gpu": ("dali", False), "dali-cpu": ("dali", True), "torch": ("torch", False)}  # (backend, dali_cpu)
+LOADERS = {"dali-gpu": ("dali", False), "dali-cpu": ("dali", True), "torch": ("torch", False)}  # (loader, dali_cpu)
 VARIANTS = [("png", None), ("png", 512), ("jpeg", None), ("jpeg", 512), ("raw", None), ("raw", 512)]
 
 
 def processed(shards: Path) -> dict[str, np.ndarray]:
-    loader = create_loader("torch", shards, "val", DataConfig(image_size=512, workers=0), batch_size=16,
-                           train=False, normalize=False)
+    loader = create_loader(LoaderSpec(shards, "val", DataConfig(image_size=512, workers=0), batch_size=16,
+                                      train=False, normalize=False, loader="torch"))
     return {k: img[0].numpy().astype(float) for b in loader for k, img in zip(b.keys, b.images)}
 
 
@@ -46,15 +47,15 @@ def main() -> None:
     args = parser.parse_args()
     if not (DATA / "nih-sample/images").is_dir():
         sys.exit("needs ../shared/data/nih-sample (the real NIH sample)")
-    backends = (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch"]
+    loaders = (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch"]
     results = {"machine": machine(), "variants": [], "sharding": []}
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         for encoding, resize in VARIANTS:
             out = Path(tmp) / f"{encoding}-{resize or 'src'}"
             started = time.perf_counter()
-            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz", out,
-                         ShardConfig(encoding=encoding, resize=resize, shard_size=100), workers=2)
+            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz",
+                         ShardConfig(out=str(out), workers=2, encoding=encoding, resize=resize, shard_size=100))
             shard_rate = 400 / (time.perf_counter() - started)
             manifest = load_manifest(out)
             tar_bytes = sum((out / name).stat().st_size for name in manifest["shards"])
@@ -65,18 +66,18 @@ def main() -> None:
                    "fidelity_mad_vs_lossless": float(np.mean([np.abs(images[k] - reference[k]).mean()
                                                               for k in reference])),
                    "decode": bench_decode(out, "train"), "loaders": {}}
-            for backend in backends:
-                name, dali_cpu = LOADERS[backend]
-                row["loaders"][backend] = bench_loader(out, "train", name, args.batch_size, args.batches,
-                                                       warmup=3, dali_cpu=dali_cpu)
+            for name in loaders:
+                loader, dali_cpu = LOADERS[name]
+                row["loaders"][name] = bench_loader(out, BenchLoaderConfig(
+                    loader=loader, batch_size=args.batch_size, batches=args.batches, warmup=3, dali_cpu=dali_cpu))
             print(json.dumps({k: v for k, v in row.items() if k not in ("decode", "loaders")}),
                   {b: round(r["images_per_second"], 1) for b, r in row["loaders"].items()}, flush=True)
             results["variants"].append(row)
         for workers in (1, 2):
             out = Path(tmp) / f"shard-{workers}"
             started = time.perf_counter()
-            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz", out,
-                         ShardConfig(shard_size=50), workers=workers)
+            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz",
+                         ShardConfig(out=str(out), workers=workers, shard_size=50))
             results["sharding"].append({"workers": workers, "encoding": "png",
                                         "images_per_second": 400 / (time.perf_counter() - started)})
             print(results["sharding"][-1], flush=True)

@@ -2,7 +2,7 @@
 
 The public builders, as timm offers them:
 
-    from cxr_fast import DataConfig, RunConfig, create_loader, create_model, load_model
+    from cxr_fast import DataConfig, LoaderSpec, RunConfig, create_loader, create_model, load_model
 
 They are imported on first use, so `import cxr_fast` (and the CLI's --help) stays quick.
 """
@@ -12,6 +12,7 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "DataConfig": "cxr_fast.config",
     "RunConfig": "cxr_fast.config",
+    "LoaderSpec": "cxr_fast.data.loader",
     "create_loader": "cxr_fast.data.loader",
     "create_model": "cxr_fast.training.model",
     "load_model": "cxr_fast.training.checkpoint",

@@ -1,9 +1,10 @@
 """Every setting a user can change, with its default, its meaning and its valid range: the only home of defaults.
 
 Frozen dataclasses per concern: the synthetic data set, the shards, the data pipeline (and its augmentation), the
-model, the optimisation, and the run that holds the last four. Each field carries its help text and its rule; a
-config is checked when it is built, from flags, from YAML or in code alike, and a bad value is an error that names
-the field (and its flag), before any work starts. The CLI takes its defaults and help from here.
+model, the optimisation and the run that holds the last four, and one per remaining command (preview, analyze,
+predict, the benchmarks, the demo). Each field carries its help text and its rule (`settings.setting`); a config is
+checked when it is built, from flags, from YAML or in code alike, and a bad value is an error that names the field
+(and its flag), before any work starts. The CLI builds its options from here: no command holds a default of its own.
 
 A run folder always gets the fully resolved config (`config.yaml`), so every result can be traced to its settings.
 YAML files may set any subset of fields; unknown keys are an error that names the key.
@@ -11,128 +12,45 @@ YAML files may set any subset of fields; unknown keys are an error that names th
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import yaml
 
 from cxr_fast import constants
-from cxr_fast.errors import CxrFastError
+from cxr_fast.settings import (Checked, ConfigError, describe, from_dict, replace, setting,  # noqa: F401 (re-exported)
+                               to_dict)
 
-
-class ConfigError(CxrFastError):
-    """A setting of the wrong type or out of its range; the message names the field."""
-
-
-def setting(default: Any, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
-            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
-    """A config field with its help text and rule (choices, or a range: ge/gt below, le/lt above)."""
-    rule = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, (list, dict)) or is_dataclass(default):
-        return field(default_factory=lambda: default, metadata=rule)
-    return field(default=default, metadata=rule)
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    """`value` as the field's type (from its annotation text), or a ConfigError."""
-    optional = kind.endswith(" | None")
-    base = kind.removesuffix(" | None")
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name} must be set (a {base})")
-    if base == "float":
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
-    if base == "int":
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        return value
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if base == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    if base == "int | str":  # a count or "auto"
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
-    if base == "tuple[float, float]":
-        pair = list(value) if isinstance(value, (list, tuple)) else None
-        if pair is None or len(pair) != 2:
-            raise ConfigError(f"{name} must be a pair [low, high], got {value!r}")
-        low, high = (_coerce(name, "float", v) for v in pair)
-        if low > high:
-            raise ConfigError(f"{name} must be [low, high] with low <= high, got {value!r}")
-        return low, high
-    return value  # a nested config: checked by its own class
-
-
-def _check_rule(name: str, value: Any, rule: dict) -> None:
-    if value is None:
-        return
-    if rule["choices"] is not None and value not in rule["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, rule['choices']))}, got {value!r}")
-    tests = {"ge": (">=", lambda a, b: a >= b), "gt": (">", lambda a, b: a > b), "le": ("<=", lambda a, b: a <= b),
-             "lt": ("<", lambda a, b: a < b)}
-    for key, (text, passes) in tests.items():
-        bound = rule[key]
-        if bound is not None and not all(passes(item, bound) for item in (value if isinstance(value, tuple)
-                                                                           else (value,))):
-            raise ConfigError(f"{name} must be {text} {bound}, got {value!r}")
-
-
-class _Checked:
-    """Checks and normalises every field when the config is built (frozen: fields are set via object.__setattr__)."""
-
-    SECTION: ClassVar[str] = ""
-
-    def __post_init__(self):
-        for f in fields(self):
-            name = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
-            if f.metadata.get("flag"):
-                name += f" ({f.metadata['flag']})"
-            value = _coerce(name, str(f.type), getattr(self, f.name))
-            if f.metadata:
-                _check_rule(name, value, f.metadata)
-            object.__setattr__(self, f.name, value)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
+MAX_PIXELS = 64_000_000  # the largest source image read, checked before decoding: a guard against decompression bombs
+LOADER_HELP = ("auto: DALI on a GPU, the OpenCV/torch DataLoader on CPU-only machines (faster there, see "
+               "benchmarks/RESULTS.md); or dali, torch.")
+LOADER_CHOICES = ("auto", "dali", "torch")
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
-class SynthConfig(_Checked):
+class SynthConfig(Checked):
     """The synthetic data set in the NIH layout (`cxr-fast synth`)."""
 
     SECTION: ClassVar[str] = "synth"
     n_images: int = setting(800, "Number of images.", flag="--n-images", ge=10)
     source_size: int = setting(1024, "Side of the square PNGs written (NIH: 1024).", flag="--source-size", ge=64,
                                le=8192)
-    seed: int = setting(0, "Seed of the labels, patients and pictures.", flag="--seed", ge=0)
+    seed: int = setting(0, "Seed of the labels, patients and pictures.", flag="--seed", ge=0, le=MAX_SEED)
     no_finding_fraction: float = setting(0.54, "Share of images without a finding (NIH: 0.54).", ge=0, le=1)
     min_prevalence: float = setting(0.04, "Floor of every class's prevalence, so small sets have positives.",
                                     ge=0, le=0.5)
     test_fraction: float = setting(0.2, "Share of patients in the official-style test list.", gt=0, lt=1)
     mean_images_per_patient: float = setting(2.5, "Mean follow-ups per patient.", ge=1)
+    workers: int = setting(2, "Processes drawing images.", flag="--workers", ge=1, le=1024)
 
 
 @dataclass(frozen=True)
-class ShardConfig(_Checked):
-    """What decides the content of the shards (and so is part of each shard's digest), and the input policy."""
+class ShardConfig(Checked):
+    """What decides the content of the shards (and so is part of each shard's digest), the input policy, and where
+    and with how many processes they are written (neither of the last three is part of the digest)."""
 
     SECTION: ClassVar[str] = "shard"
     encoding: str = setting("png", "png: lossless, pixel-identical; jpeg: decodes on the GPU; raw: uint8, no "
@@ -141,15 +59,17 @@ class ShardConfig(_Checked):
     resize: int | None = setting(None, "Store images resized to N x N (INTER_AREA); default: the source size.",
                                  flag="--resize", ge=16, le=8192)
     shard_size: int = setting(1000, "Samples per tar.", flag="--shard-size", ge=1)
-    seed: int = setting(0, "Seed of the split and of the sample shuffle.", flag="--seed", ge=0)
+    seed: int = setting(0, "Seed of the split and of the sample shuffle.", flag="--seed", ge=0, le=MAX_SEED)
     val_fraction: float = setting(0.1, "Validation share (of train_val with the official lists); training needs "
                                   "a validation split.", flag="--val-fraction", gt=0, lt=1)
     test_fraction: float = setting(0.2, "Test share, used only without split lists.", flag="--test-fraction",
                                    ge=0, lt=1)
     on_error: str = setting("fail", "fail: stop at a bad input, remove this run's shards; skip: leave it out, "
                             "list it in the manifest.", flag="--on-error", choices=("fail", "skip"))
-    max_pixels: int = setting(64_000_000, "Largest source image accepted (width x height, checked in the header "
+    max_pixels: int = setting(MAX_PIXELS, "Largest source image accepted (width x height, checked in the header "
                               "before decoding): a guard against decompression bombs.", flag="--max-pixels", ge=1)
+    out: str = setting("shards", "Output folder.", flag="--out")
+    workers: int = setting(2, "Parallel shard writers.", flag="--workers", ge=1, le=1024)
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,7 +79,7 @@ class ShardConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class AugmentConfig(_Checked):
+class AugmentConfig(Checked):
     """Train-time augmentation, applied on the device by DALI (and by OpenCV in the baseline loader).
 
     Each transform has a probability and a range. Horizontal flip is off by default: it moves the heart to the right,
@@ -167,6 +87,9 @@ class AugmentConfig(_Checked):
     """
 
     SECTION: ClassVar[str] = "data.augment"
+    # Renamed since cxr-fast 0.1, as read from its configs and checkpoints: old key -> (new key, conversion).
+    RENAMED: ClassVar[dict] = {"rotate_degrees": ("rotate_range", lambda r: (-r, r)),
+                               "translate_fraction": ("translate_range", lambda t: (-t, t))}
     affine_prob: float = setting(0.8, "Probability of the rotation/scale/shift.", ge=0, le=1)
     rotate_range: tuple[float, float] = setting((-7.0, 7.0), "Rotation in degrees (positive: counter-clockwise on "
                                                "the screen): patient positioning varies by a few degrees.",
@@ -186,7 +109,7 @@ class AugmentConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Checked):
+class DataConfig(Checked):
     """What the loaders make of a shard: the model input and how it is processed."""
 
     SECTION: ClassVar[str] = "data"
@@ -207,7 +130,7 @@ class DataConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Checked):
+class ModelConfig(Checked):
     SECTION: ClassVar[str] = "model"
     name: str = setting("convnext_large", "Any timm model name.", flag="--model")
     pretrained: bool = setting(True, "Start from ImageNet weights (timm hub).", flag="--pretrained")
@@ -218,7 +141,7 @@ class ModelConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Checked):
+class OptimConfig(Checked):
     SECTION: ClassVar[str] = "optim"
     lr: float = setting(1e-4, "Peak AdamW learning rate (warm-up, then cosine).", flag="--lr", gt=0, le=1)
     weight_decay: float = setting(0.05, "AdamW weight decay (not on norms and biases).", ge=0, le=1)
@@ -251,15 +174,13 @@ class OptimConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Checked):
+class RunConfig(Checked):
     data: DataConfig = setting(DataConfig(), "The data pipeline.")
     model: ModelConfig = setting(ModelConfig(), "The model.")
     optim: OptimConfig = setting(OptimConfig(), "The optimisation.")
-    seed: int = setting(0, "Seed of the model, the loaders and the augmentation.", flag="--seed", ge=0)
-    device: str = setting("auto", "auto: CUDA where present.", flag="--device", choices=("auto", "cuda", "cpu"))
-    loader: str = setting("auto", "auto: DALI on a GPU, the OpenCV/torch DataLoader on CPU-only machines (faster "
-                          "there, see benchmarks/RESULTS.md); or dali, torch.", flag="--loader",
-                          choices=("auto", "dali", "torch"))
+    seed: int = setting(0, "Seed of the model, the loaders and the augmentation.", flag="--seed", ge=0, le=MAX_SEED)
+    device: str = setting("auto", "auto: CUDA where present.", flag="--device", choices=DEVICE_CHOICES)
+    loader: str = setting("auto", LOADER_HELP, flag="--loader", choices=LOADER_CHOICES)
     amp: str = setting("auto", "Mixed precision: auto is bf16 on GPUs that have it, fp16 on older ones, off on "
                        "the CPU.", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
     max_steps: int | None = setting(None, "Stop after N optimizer steps (the schedule is kept).",
@@ -269,77 +190,115 @@ class RunConfig(_Checked):
                                     "fastest.", flag="--cudnn-benchmark")
 
 
-def describe(cls: type, path: str) -> tuple[Any, dataclasses.Field]:
-    """(default, field) of a dotted path below `cls`, e.g. describe(RunConfig, "optim.lr")."""
-    head, _, rest = path.partition(".")
-    found = {f.name: f for f in fields(cls)}[head]
-    default = getattr(cls(), head)
-    return describe(type(default), rest) if rest else (default, found)
+@dataclass(frozen=True)
+class PreviewConfig(Checked):
+    """`cxr-fast preview`: which processed images to write (the data settings come from DataConfig)."""
+
+    SECTION: ClassVar[str] = "preview"
+    split: str = setting("train", "Split to read.", flag="--split", choices=constants.SPLITS)
+    augment: bool = setting(True, "Apply the train-time augmentation.", flag="--augment")
+    n: int = setting(16, "Number of images.", flag="--n", ge=1)
+    loader: str = setting("auto", LOADER_HELP, flag="--loader", choices=LOADER_CHOICES)
 
 
-def to_dict(config: Any) -> dict:
-    """A plain nested dict (tuples as lists), for YAML and checkpoints."""
-    return _plain(dataclasses.asdict(config))
+@dataclass(frozen=True)
+class AnalyzeConfig(Checked):
+    """`cxr-fast analyze`: the split scored and what the report holds."""
+
+    SECTION: ClassVar[str] = "analyze"
+    split: str = setting("test", "Split to analyse.", flag="--split")
+    device: str = setting("auto", "auto: CUDA where present.", flag="--device", choices=DEVICE_CHOICES)
+    loader: str = setting("auto", LOADER_HELP, flag="--loader", choices=LOADER_CHOICES)
+    top_k: int = setting(3, "False positives and negatives shown per class.", flag="--top-k", ge=0)
+    bbox: str | None = setting(None, "NIH BBox_List_2017.csv: adds localisation scores (IoBB, pointing game).",
+                               flag="--bbox")
+    batch_size: int = setting(16, "Images per inference batch.", flag="--batch-size", ge=1)
+    bootstrap: int = setting(500, "Patient-level bootstrap resamples for AUROC CIs (0: none).", flag="--bootstrap",
+                             ge=0)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
+@dataclass(frozen=True)
+class PredictConfig(Checked):
+    """`cxr-fast predict`: how new images are read and scored."""
+
+    SECTION: ClassVar[str] = "predict"
+    device: str = setting("auto", "auto: CUDA where present.", flag="--device", choices=DEVICE_CHOICES)
+    batch_size: int = setting(16, "Images per inference batch.", flag="--batch-size", ge=1)
+    workers: int | None = setting(None, "Threads reading and processing images (default: all cores).",
+                                  flag="--workers", ge=1, le=1024)
+    cam: bool = setting(False, "Write a Grad-CAM++ overlay per positive finding to OUT/cam/.", flag="--cam")
+    max_pixels: int = setting(MAX_PIXELS, "Largest image accepted (width x height, checked before decoding).",
+                              flag="--max-pixels", ge=1)
 
 
-# Settings renamed since cxr-fast 0.1, as read from its configs and checkpoints: old key -> (new key, conversion).
-_RENAMED = {AugmentConfig: {"rotate_degrees": ("rotate_range", lambda r: (-r, r)),
-                            "translate_fraction": ("translate_range", lambda t: (-t, t))}}
+@dataclass(frozen=True)
+class BenchLoaderConfig(Checked):
+    """`cxr-fast bench loader`: one loader in steady state."""
+
+    SECTION: ClassVar[str] = "bench.loader"
+    split: str = setting("train", "Split to read.", flag="--split")
+    loader: str = setting("auto", LOADER_HELP, flag="--loader", choices=LOADER_CHOICES)
+    dali_cpu: bool = setting(False, "Keep the DALI pipeline on the CPU even where a GPU is present.",
+                             flag="--dali-cpu")
+    batch_size: int = setting(32, "Images per batch.", flag="--batch-size", ge=1)
+    batches: int = setting(50, "Measured batches, after --warmup (epochs repeat as needed).", flag="--batches", ge=1)
+    warmup: int = setting(10, "Batches before timing starts (prefetch fill).", flag="--warmup", ge=0)
+    image_size: int = setting(constants.IMAGE_SIZE, "Output side in pixels.", flag="--image-size", ge=32, le=4096)
+    workers: int | None = setting(None, "DALI threads / DataLoader workers (default: all cores).", flag="--workers",
+                                  ge=0, le=1024)
+    augment: bool = setting(True, "Apply the train-time augmentation.", flag="--augment")
+    decode: bool = setting(False, "Also measure decode alone per core (the decode-bound limit).", flag="--decode")
 
 
-def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """Build dataclass `cls` from a nested dict; missing fields keep their defaults, unknown keys are an error."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    for old, (new, convert) in _RENAMED.get(cls, {}).items():
-        if old in values and new not in values:
-            values = {k: v for k, v in values.items() if k != old} | {new: convert(values[old])}
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    defaults = cls()
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(defaults, name)
-        kwargs[name] = from_dict(type(default), value, f"{where}.{name}") if is_dataclass(default) else value
-    return cls(**kwargs)
+@dataclass(frozen=True)
+class BenchTrainConfig(Checked):
+    """`cxr-fast bench train`: the trainer's own loop for a few steps."""
+
+    SECTION: ClassVar[str] = "bench.train"
+    model: str = setting("convnext_large", "Any timm model name.", flag="--model")
+    image_size: int = setting(constants.IMAGE_SIZE, "Input side in pixels.", flag="--image-size", ge=32, le=4096)
+    batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
+    steps: int = setting(20, "Measured optimizer steps, after --warmup.", flag="--steps", ge=1)
+    warmup: int = setting(3, "Optimizer steps before timing starts (autotuning, compilation).", flag="--warmup",
+                          ge=0)
+    amp: str = setting("auto", "Mixed precision (as for train).", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = setting(True, "Channels-last memory format.", flag="--channels-last")
+    compile: bool = setting(False, "torch.compile the model.", flag="--compile")
+    in_chans: int = setting(1, "Input channels.", flag="--in-chans", choices=(1, 3))
+    data: str = setting("synthetic", "synthetic: on-device tensors (the compute ceiling); a loader name: that "
+                        "loader on --shards.", flag="--data", choices=("synthetic", *LOADER_CHOICES))
+    workers: int | None = setting(None, "DALI threads / DataLoader workers (default: all cores).", flag="--workers",
+                                  ge=0, le=1024)
+    peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
+                                        gt=0)
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` that accepts dotted paths: replace(cfg, **{"optim.lr": 1e-3})."""
-    nested: dict[str, dict] = {}
-    direct = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            direct[key] = value
-    for head, sub in nested.items():
-        direct[head] = replace(getattr(config, head), **sub)
-    return dataclasses.replace(config, **direct)
+@dataclass(frozen=True)
+class DemoConfig(Checked):
+    """`cxr-fast demo`: the whole workflow on synthetic (or given) data."""
+
+    SECTION: ClassVar[str] = "demo"
+    out: str = setting("outputs/demo", "Output folder.", flag="--out")
+    images: str | None = setting(None, "A real NIH image folder (with --labels); default: synthetic data.",
+                                 flag="--images")
+    labels: str | None = setting(None, "Data_Entry_2017.csv of that download.", flag="--labels")
+    n_images: int = setting(800, "Synthetic images.", flag="--n-images", ge=10)
+    source_size: int = setting(512, "Side of the synthetic PNGs.", ge=64, le=8192)
+    epochs: int | None = setting(None, "Override the recipe's epochs (CPU 8, GPU 3).", flag="--epochs", ge=1)
+    seed: int = setting(0, "Seed of the data, the split and the run.", flag="--seed", ge=0, le=MAX_SEED)
 
 
-def load_yaml(path: str | Path) -> RunConfig:
+def load_yaml(path: str | Path, cls: type = RunConfig):
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read config {path}: {error}") from None
     try:
-        return from_dict(RunConfig, values, where=str(path))
+        return from_dict(cls, values, where=str(path))
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
-def dump_yaml(config: RunConfig, path: str | Path) -> None:
+def dump_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

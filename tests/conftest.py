@@ -25,7 +25,7 @@ def synth_dir(tmp_path_factory) -> Path:
     from cxr_fast.data.synth import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(out, SynthConfig(n_images=96, source_size=256, seed=3), workers=2)
+    write_synthetic_dataset(out, SynthConfig(n_images=96, source_size=256, seed=3, workers=2))
     return out
 
 
@@ -35,8 +35,8 @@ def synth_shards(synth_dir, tmp_path_factory) -> Path:
     from cxr_fast.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("synth_shards")
-    write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv", out,
-                 ShardConfig(shard_size=16, val_fraction=0.25), workers=2)
+    write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv",
+                 ShardConfig(out=str(out), workers=2, shard_size=16, val_fraction=0.25))
     return out
 
 
@@ -48,7 +48,7 @@ def real_shards(tmp_path_factory) -> Path:
     from cxr_fast.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("real_shards")
-    write_shards(REAL_IMAGES, REAL_TABLE, out, ShardConfig(shard_size=50), workers=2)
+    write_shards(REAL_IMAGES, REAL_TABLE, ShardConfig(out=str(out), workers=2, shard_size=50))
     return out
 
 

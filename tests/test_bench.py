@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_fast.bench import training_flops_per_image
+from cxr_fast.bench.flops import training_flops_per_image
 from cxr_fast.config import ModelConfig
 from cxr_fast.training.model import create_model
 

@@ -38,3 +38,24 @@ def test_settings_renamed_since_0_1_still_read():
 
     old = from_dict(RunConfig, {"data": {"augment": {"rotate_degrees": 5.0, "translate_fraction": 0.1}}})
     assert old.data.augment.rotate_range == (-5.0, 5.0) and old.data.augment.translate_range == (-0.1, 0.1)
+
+
+def test_every_command_reads_its_settings_from_yaml_and_flags_win(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cxr_fast.cli import cli
+
+    (tmp_path / "bench.yaml").write_text("steps: 2\nwarmup: 1\nimage_size: 32\nbatch_size: 2\nmodel: resnet18\n")
+    result = CliRunner().invoke(cli, ["bench", "train", "--config", str(tmp_path / "bench.yaml"), "--model",
+                                      "convnext_atto", "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert (record["model"], record["steps"], record["warmup_steps"], record["image_size"]) == ("convnext_atto", 2, 1,
+                                                                                                  32)
+    (tmp_path / "bad.yaml").write_text("top_k: -1\n")
+    result = CliRunner().invoke(cli, ["analyze", "--config", str(tmp_path / "bad.yaml"), "--checkpoint",
+                                      str(tmp_path / "bench.yaml"), "--shards", str(tmp_path), "--out",
+                                      str(tmp_path / "a")])
+    assert result.exit_code == 2 and "analyze.top_k (--top-k) must be >= 0" in result.output

@@ -39,9 +39,10 @@ from cxr_fast.bench import (batches_forever, cpu_busy_seconds, machine, peak_flo
                             training_flops_per_image)
 from cxr_fast.config import (AugmentConfig, DataConfig, ModelConfig, RunConfig, ShardConfig, SynthConfig,  # noqa: E402
                              replace)
-from cxr_fast.data.codec import decode_image  # noqa: E402
-from cxr_fast.data.loader import create_loader  # noqa: E402
-from cxr_fast.data.reader import iter_samples, split_shards  # noqa: E402
+from cxr_fast.data.sample import decode_image  # noqa: E402
+from cxr_fast.data.loader import LoaderSpec, create_loader  # noqa: E402
+from cxr_fast.data.reader import split_shards  # noqa: E402
+from cxr_fast.data.tario import walk_tar  # noqa: E402
 from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
 from cxr_fast.data.transforms import process_gray  # noqa: E402
 from cxr_fast.data.writer import write_shards  # noqa: E402
@@ -94,7 +95,7 @@ def make_data(work: Path, n_images: int, source_size: int, workers: int, record:
     shards = {}
     for encoding in ("png", "jpeg"):
         shards[encoding] = work / f"shards-{encoding}"
-        write_shards(work / "synth", table, shards[encoding], ShardConfig(encoding=encoding, shard_size=256), workers)
+        write_shards(work / "synth", table, ShardConfig(out=str(shards[encoding]), encoding=encoding, shard_size=256))
     record("data", images=n_images, source_size=source_size, seconds=time.perf_counter() - started,
            shards={k: str(v) for k, v in shards.items()})
     return shards
@@ -107,14 +108,14 @@ def fidelity(shards: dict[str, Path], image_size: int, n: int, record: Recorder)
     for encoding, shards_dir in shards.items():
         reference = {}
         for tar in split_shards(shards_dir, "test"):
-            for key, sample in iter_samples(tar):
+            for key, sample in walk_tar(tar):
                 if len(reference) < n:
                     reference[key] = process_gray(decode_image(sample), cfg)
         outputs = {"opencv": reference}
         variants = [("dali_cpu", True)] + ([("dali_gpu", False)] if CUDA else [])
         for name, dali_cpu in variants:
-            loader = create_loader("dali", shards_dir, "test", cfg, batch_size=n, train=False, device=DEVICE,
-                                   normalize=False, dali_cpu=dali_cpu)
+            loader = create_loader(LoaderSpec(shards_dir, "test", cfg, batch_size=n, train=False, device=DEVICE,
+                                              normalize=False, dali_cpu=dali_cpu, loader="dali"))
             batch = next(iter(loader))
             outputs[name] = {k: img[0].cpu().numpy() for k, img in zip(batch.keys, batch.images) if k in reference}
             del loader
@@ -216,8 +217,8 @@ def loader_rate(shards_dir: Path, backend: str, cfg: DataConfig, batch_size: int
                 dali_cpu: bool = False) -> dict:
     """Steady state: one loader object across epochs; build and the first epoch's fill are outside the window."""
     started = time.perf_counter()
-    loader = create_loader(backend, shards_dir, "train", cfg, batch_size=batch_size, train=True, device=DEVICE,
-                           dali_cpu=dali_cpu)
+    loader = create_loader(LoaderSpec(shards_dir, "train", cfg, batch_size=batch_size, train=True, device=DEVICE,
+                                      dali_cpu=dali_cpu, loader=backend))
     build = time.perf_counter() - started
 
     stream = batches_forever(loader)
@@ -263,7 +264,8 @@ def fed_trainer(shards_dir: Path, model_name: str, image_size: int, mb: int, acc
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = FocalLoss(2.0)
     cfg = DataConfig(image_size=image_size, workers=workers)
-    loader = create_loader("dali", shards_dir, "train", cfg, batch_size=mb, train=True, device=DEVICE)
+    loader = create_loader(LoaderSpec(shards_dir, "train", cfg, batch_size=mb, train=True, device=DEVICE,
+                                      loader="dali"))
 
     stream = batches_forever(loader)
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()

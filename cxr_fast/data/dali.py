@@ -3,7 +3,7 @@
 Built from `DataConfig` alone. `device_id=None` runs every operator on the CPU (tests, CPU-only machines); with a GPU
 id JPEG decodes on the GPU ('mixed'), PNG decodes on the CPU (as DALI does) and everything after it runs on the GPU.
 The output is uint8 HWC: `loader.py` views a batch as NCHW channels-last without a copy and normalises it with torch
-on the same device, as it does for the OpenCV backend. (DALI's CPU crop_mirror_normalize cost 9.5 core-ms per 512²
+on the same device, as it does for the OpenCV loader. (DALI's CPU crop_mirror_normalize cost 9.5 core-ms per 512²
 image, 30 times the torch op: benchmarks/RESULTS.md.)
 """
 
@@ -16,7 +16,8 @@ READER_NAME = "Reader"
 
 
 def import_dali():
-    """DALI, or a message that says how to install it (it is imported lazily: the CLI works without it)."""
+    """DALI, or a message that says how to install it. Imported here, when a pipeline is built, on purpose: DALI is an
+    optional, heavy dependency, and the CLI and the torch loader work without it."""
     try:
         from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
@@ -36,10 +37,10 @@ def _draw(fn, value_range, shape=None):
     return fn.random.uniform(range=[low, high], shape=shape) if shape else fn.random.uniform(range=[low, high])
 
 
-def _augment(images, cfg: DataConfig, fn, types):
+def _augment(images, config: DataConfig, fn):
     """Per-sample branches (DALI conditionals): a transform runs only for the samples that draw it, which on the
     CPU saves most of the cost of warp_affine and of drawing a normal per pixel (benchmarks/RESULTS.md)."""
-    aug, size = cfg.augment, float(cfg.image_size)
+    aug, size = config.augment, float(config.image_size)
     centre = [size / 2, size / 2]
     if fn.random.coin_flip(probability=aug.affine_prob):
         scale = _draw(fn, aug.scale_range)
@@ -62,36 +63,37 @@ def _augment(images, cfg: DataConfig, fn, types):
     return images
 
 
-def build_pipeline(tars: list[str], image_ext: str, cfg: DataConfig, *, batch_size: int, train: bool,
-                   device_id: int | None, seed: int, shard_id: int = 0, num_shards: int = 1):
-    """A built DALI pipeline over `tars` with outputs (images uint8 HWC, labels uint8 (14,), ids uint8 (64,))."""
+def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None):
+    """A built DALI pipeline over `tars` for a `loader.LoaderSpec` (its data config, batch, train/eval, seed and rank),
+    with outputs (images uint8 HWC, labels uint8 (classes,), ids uint8 (64,)); device_id None keeps it on the CPU."""
     fn, pipeline_def, types = import_dali()
-    gpu = device_id is not None
+    gpu, config, train = device_id is not None, spec.data, spec.train
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.workers or 1), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
+    @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, config.workers or 1), device_id=device_id,
+                  seed=spec.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
     def cxr_pipeline():
         ext = [image_ext, "labels", "id"] + (["shape"] if image_ext == "raw" else [])
         outputs = fn.readers.webdataset(
             paths=tars, index_paths=[t[: -len(".tar")] + ".idx" for t in tars], ext=ext,
             dtypes=[types.UINT8, types.UINT8, types.UINT8] + ([types.INT32] if image_ext == "raw" else []),
-            missing_component_behavior="error", random_shuffle=train, initial_fill=cfg.shuffle_buffer,
-            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name=READER_NAME)
+            missing_component_behavior="error", random_shuffle=train, initial_fill=config.shuffle_buffer,
+            shard_id=spec.rank, num_shards=spec.world_size, pad_last_batch=True, name=READER_NAME)
         encoded, labels, ids = outputs[:3]
         if image_ext == "raw":
             images = fn.reshape(encoded, shape=outputs[3])
         else:
             # 'mixed' decodes JPEG with nvJPEG on the GPU; PNG still decodes on the host inside the same operator.
-            decode = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
+            decode = {"device": "mixed", "hw_decoder_load": config.hw_decoder_load} if gpu else {"device": "cpu"}
             images = fn.decoders.image(encoded, output_type=types.GRAY, **decode)
         if gpu:
             images = images.gpu()
         # Cubic with antialiasing: within 1 gray level of OpenCV's INTER_AREA after CLAHE (linear is not).
-        images = fn.resize(images, size=[cfg.image_size, cfg.image_size], interp_type=types.INTERP_CUBIC,
+        images = fn.resize(images, size=[config.image_size, config.image_size], interp_type=types.INTERP_CUBIC,
                            antialias=True)
-        images = fn.clahe(images, tiles_x=cfg.clahe_tiles, tiles_y=cfg.clahe_tiles, clip_limit=cfg.clahe_clip_limit)
+        images = fn.clahe(images, tiles_x=config.clahe_tiles, tiles_y=config.clahe_tiles,
+                          clip_limit=config.clahe_clip_limit)
         if train:
-            images = _augment(images, cfg, fn, types)
+            images = _augment(images, config, fn)
         return images, (labels.gpu() if gpu else labels), ids
 
     pipe = cxr_pipeline()

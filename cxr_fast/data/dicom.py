@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_fast.data.codec import BadInput
+from cxr_fast.errors import BadInput
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DECODERS = ("pylibjpeg with pylibjpeg-libjpeg (JPEG, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), or python-gdcm")

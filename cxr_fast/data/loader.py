@@ -1,4 +1,4 @@
-"""`create_loader()`: one signature for two interchangeable backends that yield the same batches.
+"""`create_loader(LoaderSpec)`: one specification for two interchangeable loaders that yield the same batches.
 
 - `dali`: the DALI pipeline of `dali.py` (on the GPU when the target device is CUDA, unless `dali_cpu`).
 - `torch`: the baseline a user would otherwise write: torch DataLoader workers reading the tars, OpenCV decode,
@@ -9,7 +9,7 @@
 Both yield `Batch(images, targets, keys)`: images (N, C, H, W) float, channels-last, on the target device; targets
 (N, 14) float; keys the image names. Both give rank r of k the same samples, [floor(r n / k), floor((r+1) n / k))
 of the split in manifest order (DALI's reader sharding), so every sample is seen exactly once per epoch, and
-`len(loader)` is the number of batches this rank yields. The torch backend cuts its rank's range into contiguous
+`len(loader)` is the number of batches this rank yields. The torch loader cuts its rank's range into contiguous
 whole-batch runs, one per worker, so each worker reads only its part of the tars and only the last batch is short.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -26,14 +26,36 @@ import numpy as np
 import torch
 
 from cxr_fast.config import DataConfig
-from cxr_fast.data.codec import decode_id, decode_image
+from cxr_fast.data.sample import decode_id, decode_image
+from cxr_fast.data.dali import READER_NAME, build_pipeline
 from cxr_fast.data.reader import load_manifest, split_shards
 from cxr_fast.data.tario import walk_tar
 from cxr_fast.data.transforms import normalize as normalize_images
 from cxr_fast.data.transforms import process_gray
 from cxr_fast.errors import CxrFastError
 
-BACKENDS = ("auto", "dali", "torch")
+LOADERS = ("auto", "dali", "torch")
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a loader reads and makes: one split of a shard set, as batches for one rank on one device.
+
+    train=True shuffles and augments, False reads in order without augmentation; dali_cpu keeps the DALI pipeline on
+    the CPU even when `device` is CUDA; normalize=False yields the uint8 images (preview, fidelity checks)."""
+
+    shards: str | Path
+    split: str
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 32
+    train: bool = False
+    loader: str = "auto"
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    normalize: bool = True
+    dali_cpu: bool = False
 
 
 @dataclass
@@ -48,12 +70,12 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_loader(loader: str, device: torch.device) -> str:
     """auto → dali on a CUDA device when DALI is installed, else torch."""
-    if backend not in BACKENDS:
-        raise CxrFastError(f"unknown loader {backend!r}: use {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
+    if loader not in LOADERS:
+        raise CxrFastError(f"unknown loader {loader!r}: use {', '.join(LOADERS)}")
+    if loader != "auto":
+        return loader
     if device.type != "cuda":
         return "torch"
     try:
@@ -68,11 +90,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """Whole batches of one rank's samples for the DataLoader: worker w of W takes batches [w nb / W, (w+1) nb / W)
     of the rank's nb batches, a contiguous run of samples, and reads only the tars (and members) it overlaps."""
 
-    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, batch_size: int, cfg: DataConfig,
-                 train: bool, seed: int):
+    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec):
         super().__init__()
-        self.tars, self.lo, self.hi, self.batch_size = tars, lo, hi, batch_size
-        self.cfg, self.train, self.seed = cfg, train, seed
+        self.tars, self.lo, self.hi, self.batch_size = tars, lo, hi, spec.batch_size
+        self.config, self.train, self.seed = spec.data, spec.train, spec.seed
 
     def _range(self, worker: int, workers: int) -> tuple[int, int]:
         batches = math.ceil((self.hi - self.lo) / self.batch_size)
@@ -91,7 +112,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         buffer = []
         for sample in samples:
             buffer.append(sample)
-            if len(buffer) >= self.cfg.shuffle_buffer:
+            if len(buffer) >= self.config.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
@@ -112,7 +133,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 label = np.frombuffer(sample["labels"], np.uint8)
             except (ValueError, KeyError) as error:
                 raise CxrFastError(f"sample {key}: {error}") from None
-            images.append(process_gray(gray, self.cfg, rng))
+            images.append(process_gray(gray, self.config, rng))
             labels.append(label)
             keys.append(key)
             if len(keys) == self.batch_size:
@@ -136,32 +157,33 @@ def _init_worker(_worker_id: int) -> None:
 
 
 class _Loader:
-    """What both backends share: the batch count and the last step, uint8 on the device → Batch."""
+    """What both loaders share: the batch count and the last step, uint8 on the device → Batch."""
 
-    def __init__(self, cfg: DataConfig, device: torch.device, normalize: bool, batches: int):
-        self.cfg, self.device, self.normalize, self.batches = cfg, device, normalize, batches
+    def __init__(self, spec: LoaderSpec, batches: int):
+        self.config, self.device, self.normalize, self.batches = spec.data, torch.device(spec.device), \
+            spec.normalize, batches
 
     def __len__(self):
         return self.batches
 
     def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> Batch:
         images = images_u8.to(self.device, non_blocking=True)
-        images = normalize_images(images, self.cfg.in_chans) if self.normalize else images
+        images = normalize_images(images, self.config.in_chans) if self.normalize else images
         return Batch(images, labels.to(self.device, non_blocking=True).float(), keys)
 
 
 class TorchLoader(_Loader):
-    def __init__(self, tars, lo, hi, cfg, batch_size, train, device, seed, normalize):
-        super().__init__(cfg, device, normalize, math.ceil((hi - lo) / batch_size))
-        workers = min(cfg.workers, self.batches)  # no idle workers
-        dataset = ShardDataset(tars, lo, hi, batch_size, cfg, train, seed)
+    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec):
+        super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
+        workers = min(spec.data.workers, self.batches)  # no idle workers
+        dataset = ShardDataset(tars, lo, hi, spec)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+            dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None, worker_init_fn=_init_worker,
             persistent_workers=workers > 0,  # iterating again (the next epoch) keeps the workers
             # Its own generator: the DataLoader draws a seed per iteration, which must not advance the global RNG
             # (dropout's): a resumed run creates its loader at another step than the uninterrupted run did.
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(spec.seed),
             # Not fork: a process that has run DALI (or CUDA) holds threads whose locks a forked child inherits.
             multiprocessing_context="forkserver" if workers else None)
 
@@ -172,19 +194,17 @@ class TorchLoader(_Loader):
 
 # -------------------------------------------------------------------------------------------------------- DALI
 class DaliLoader(_Loader):
-    def __init__(self, tars, image_ext, total, cfg, batch_size, train, device, seed, rank, world_size, normalize,
-                 dali_cpu):
+    def __init__(self, tars: list[Path], image_ext: str, total: int, spec: LoaderSpec):
+        # DALI is imported only when this loader is asked for: the CLI and the torch loader work without it.
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        from cxr_fast.data.dali import READER_NAME, build_pipeline
-
-        lo, hi = rank_range(total, rank, world_size)
-        super().__init__(cfg, device, normalize, math.ceil((hi - lo) / batch_size))
-        on_gpu = device.type == "cuda" and not dali_cpu
+        lo, hi = rank_range(total, spec.rank, spec.world_size)
+        super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
+        device = self.device
+        on_gpu = device.type == "cuda" and not spec.dali_cpu
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
         try:
-            self.pipe = build_pipeline([str(t) for t in tars], image_ext, cfg, batch_size=batch_size, train=train,
-                                       device_id=device_id, seed=seed, shard_id=rank, num_shards=world_size)
+            self.pipe = build_pipeline([str(t) for t in tars], image_ext, spec, device_id)
             # PARTIAL with padded shards: every sample exactly once per epoch, no duplicates from the padding.
             self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "ids"], reader_name=READER_NAME,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -212,29 +232,43 @@ def _dali_reason(error: Exception) -> str:
     return " ".join(text.split())[:600]
 
 
-def create_loader(backend: str, shards_dir: str | Path, split: str, cfg: DataConfig, *, batch_size: int,
-                  train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-                  normalize: bool = True, dali_cpu: bool = False):
-    """A loader over one split. train=True shuffles and augments; False reads in order, without augmentation.
-
-    dali_cpu=True keeps the DALI pipeline on the CPU even when `device` is CUDA.
-    """
-    if batch_size < 1:
-        raise CxrFastError(f"batch size must be at least 1, got {batch_size}")
-    device = torch.device(device)
-    if cfg.workers is None:
+def create_loader(spec: LoaderSpec):
+    """A loader over one split (see LoaderSpec); `auto` is resolved for the spec's device."""
+    if spec.batch_size < 1:
+        raise CxrFastError(f"batch size must be at least 1, got {spec.batch_size}")
+    if spec.data.workers is None:
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cfg = replace(cfg, workers=max(1, (os.cpu_count() or 1) // ranks_here))
-    manifest = load_manifest(shards_dir)
-    tars = split_shards(shards_dir, split, manifest)
-    total = manifest["splits"][split]["images"]
-    if rank_range(total, rank, world_size)[0] == rank_range(total, rank, world_size)[1]:
-        raise CxrFastError(f"split {split!r} has {total} images, too few for {world_size} ranks")
-    backend = resolve_backend(backend, device)
-    if backend == "dali":
-        return DaliLoader(tars, manifest["image_ext"], total, cfg, batch_size, train, device, seed, rank,
-                          world_size, normalize, dali_cpu)
-    names = manifest["splits"][split]["shards"]
+        spec = replace(spec, data=replace(spec.data, workers=max(1, (os.cpu_count() or 1) // ranks_here)))
+    manifest = load_manifest(spec.shards)
+    tars = split_shards(spec.shards, spec.split, manifest)
+    total = manifest["splits"][spec.split]["images"]
+    lo, hi = rank_range(total, spec.rank, spec.world_size)
+    if lo == hi:
+        raise CxrFastError(f"split {spec.split!r} has {total} images, too few for {spec.world_size} ranks")
+    if resolve_loader(spec.loader, torch.device(spec.device)) == "dali":
+        return DaliLoader(tars, manifest["image_ext"], total, spec)
+    names = manifest["splits"][spec.split]["shards"]
     counts = [(str(tar), manifest["shards"][name]["samples"]) for tar, name in zip(tars, names)]
-    lo, hi = rank_range(total, rank, world_size)
-    return TorchLoader(counts, lo, hi, cfg, batch_size, train, device, seed, normalize)
+    return TorchLoader(counts, lo, hi, spec)
+
+
+class SyntheticLoader:
+    """On-device batches with the real loaders' interface (`len`, `device`, iteration of `Batch`): random normalised
+    channels-last images and labels, made once, so a measurement sees the model's speed alone (the compute
+    ceiling). `spec.data` gives the side and channels, `spec.batch_size` the batch; `batches` per iteration."""
+
+    def __init__(self, spec: LoaderSpec, batches: int, classes: int):
+        self.device, self.batches = torch.device(spec.device), batches
+        generator = torch.Generator().manual_seed(spec.seed)
+        side, size = spec.data.image_size, spec.batch_size
+        images = torch.randint(0, 256, (size, 1, side, side), dtype=torch.uint8, generator=generator)
+        targets = (torch.rand(size, classes, generator=generator) > 0.9).float()
+        self.batch = Batch(normalize_images(images.to(self.device), spec.data.in_chans), targets.to(self.device),
+                           [f"synthetic-{i}" for i in range(size)])
+
+    def __len__(self):
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            yield self.batch

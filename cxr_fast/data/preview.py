@@ -7,17 +7,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cxr_fast.config import DataConfig
-from cxr_fast.data.loader import create_loader
+from cxr_fast.config import DataConfig, PreviewConfig
+from cxr_fast.data.loader import LoaderSpec, create_loader
 
 
-def write_preview(shards_dir: str | Path, split: str, backend: str, cfg: DataConfig, n: int, out: str | Path,
-                  augment: bool, seed: int = 0) -> list[Path]:
-    """Write the first `n` processed images as `out/<image_index>`, and with augmentation a contact sheet."""
+def write_preview(shards_dir: str | Path, data: DataConfig, config: PreviewConfig, out: str | Path,
+                  seed: int) -> list[Path]:
+    """Write the first `config.n` processed images as `out/<image_index>`, and with augmentation a contact sheet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loader = create_loader(backend, shards_dir, split, cfg, batch_size=min(n, 16), train=augment, seed=seed,
-                           normalize=False)
+    n = config.n
+    loader = create_loader(LoaderSpec(shards_dir, config.split, data, batch_size=min(n, 16), train=config.augment,
+                                      loader=config.loader, seed=seed, normalize=False))
     images = {}
     for batch in loader:
         for key, image in zip(batch.keys, batch.images):
@@ -29,7 +30,7 @@ def write_preview(shards_dir: str | Path, split: str, backend: str, cfg: DataCon
     for key, image in images.items():
         paths.append(out / f"{key}.png")
         cv2.imwrite(str(paths[-1]), image)
-    if augment and images:
+    if config.augment and images:
         paths.append(out / "contact_sheet.png")
         cv2.imwrite(str(paths[-1]), contact_sheet(list(images.values())))
     return paths

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_fast.data.tario import walk_tar
 from cxr_fast.errors import CxrFastError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: each sample's age, sex, view and follow-up; demographics per split
+SHARD_FORMAT_VERSION = 2  # 2: each sample's age, sex, view and follow-up; demographics per split
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
@@ -23,9 +22,9 @@ def load_manifest(shards_dir: str | Path) -> dict:
         raise CxrFastError(f"no {MANIFEST} in {shards_dir}: is this a folder written by `cxr-fast shard`?") from None
     except (OSError, ValueError) as error:
         raise CxrFastError(f"cannot read {path}: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") != SHARD_FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CxrFastError(f"{path}: shard format {version}, this version reads {FORMAT_VERSION} (which adds "
+        raise CxrFastError(f"{path}: shard format {version}, this version reads {SHARD_FORMAT_VERSION} (which adds "
                            "each sample's age, sex and view for the subgroup audit); re-run `cxr-fast shard`")
     return manifest
 
@@ -39,11 +38,6 @@ def split_shards(shards_dir: str | Path, split: str, manifest: dict | None = Non
     if not names:
         raise CxrFastError(f"split {split!r} in {shards_dir} has no shards (0 images)")
     return [Path(shards_dir) / name for name in names]
-
-
-def iter_samples(tar_path: str | Path):
-    """(key, {ext: bytes}) for each sample of one tar, in order; a damaged tar raises naming the shard."""
-    return walk_tar(tar_path)
 
 
 def sample_table(manifest: dict, split: str) -> pd.DataFrame:

@@ -47,14 +47,14 @@ CO_OCCURRING = {
 FINDINGS_PER_IMAGE = {1: 0.6, 2: 0.27, 3: 0.1, 4: 0.03}
 
 
-def draw_labels(spec: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+def draw_labels(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """(n_images, 14) multi-hot labels with the real prevalence order and co-occurrence pattern."""
-    weights = np.array([max(C.REAL_PREVALENCE[c], spec.min_prevalence) for c in C.CLASS_NAMES])
+    weights = np.array([max(C.REAL_PREVALENCE[c], config.min_prevalence) for c in C.CLASS_NAMES])
     counts = list(FINDINGS_PER_IMAGE)
     count_p = np.array(list(FINDINGS_PER_IMAGE.values()))
-    labels = np.zeros((spec.n_images, C.NUM_CLASSES), dtype=np.uint8)
+    labels = np.zeros((config.n_images, C.NUM_CLASSES), dtype=np.uint8)
     for row in labels:
-        if rng.random() < spec.no_finding_fraction:
+        if rng.random() < config.no_finding_fraction:
             continue
         k = rng.choice(counts, p=count_p)
         p = weights.copy()
@@ -67,13 +67,13 @@ def draw_labels(spec: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def draw_patients(spec: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_patients(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Patient id and follow-up number per image: several images per patient, geometric counts."""
     patients, followups = [], []
     patient = 0
-    while len(patients) < spec.n_images:
+    while len(patients) < config.n_images:
         patient += 1
-        n = min(rng.geometric(1 / spec.mean_images_per_patient), spec.n_images - len(patients))
+        n = min(rng.geometric(1 / config.mean_images_per_patient), config.n_images - len(patients))
         patients += [patient] * n
         followups += list(range(n))
     return np.array(patients), np.array(followups)
@@ -202,22 +202,22 @@ def _paint_one(job: tuple) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def write_synthetic_dataset(out: str | Path, spec: SynthConfig = SynthConfig(), workers: int = 2) -> Path:
+def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write the data set below `out` and return the path of its label table."""
     out = Path(out)
     images_dir = out / IMAGES_SUBDIR
     images_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    labels = draw_labels(spec, rng)
-    patients, followups = draw_patients(spec, rng)
+    rng = np.random.default_rng(config.seed)
+    labels = draw_labels(config, rng)
+    patients, followups = draw_patients(config, rng)
     names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
     anatomy = {p: {"lung_w": rng.uniform(150, 175), "lung_h": rng.uniform(250, 300)} for p in set(patients)}
     ages = {p: int(rng.integers(18, 90)) for p in set(patients)}
     sexes = {p: rng.choice(["M", "F"]) for p in set(patients)}
 
-    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], spec.source_size, spec.seed * 1_000_003 + i)
+    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], config.source_size, config.seed * 1_000_003 + i)
             for i, name in enumerate(names)]
-    with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
         for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
             pass
 
@@ -229,16 +229,16 @@ def write_synthetic_dataset(out: str | Path, spec: SynthConfig = SynthConfig(), 
         C.COL_AGE: [ages[p] + f // 2 for p, f in zip(patients, followups)],
         C.COL_SEX: [sexes[p] for p in patients],
         C.COL_VIEW: rng.choice(["PA", "AP"], size=len(names), p=[0.6, 0.4]),
-        "OriginalImage[Width": spec.source_size,
-        "Height]": spec.source_size,
-        "OriginalImagePixelSpacing[x": 0.143 * 1024 / spec.source_size,
-        "y]": 0.143 * 1024 / spec.source_size,
+        "OriginalImage[Width": config.source_size,
+        "Height]": config.source_size,
+        "OriginalImagePixelSpacing[x": 0.143 * 1024 / config.source_size,
+        "y]": 0.143 * 1024 / config.source_size,
     })
     table_path = out / LABEL_TABLE_NAME
     table.to_csv(table_path, index=False)
 
     unique_patients = np.unique(patients)
-    test_patients = set(rng.choice(unique_patients, size=max(1, int(round(spec.test_fraction * len(unique_patients)))),
+    test_patients = set(rng.choice(unique_patients, size=max(1, int(round(config.test_fraction * len(unique_patients)))),
                                    replace=False))
     is_test = np.array([p in test_patients for p in patients])
     (out / "test_list.txt").write_text("\n".join(np.array(names)[is_test]) + "\n")

@@ -20,12 +20,12 @@ def normalize(images_u8: torch.Tensor, in_chans: int) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def process_gray(gray: np.ndarray, cfg: DataConfig, rng: np.random.Generator | None = None) -> np.ndarray:
+def process_gray(gray: np.ndarray, config: DataConfig, rng: np.random.Generator | None = None) -> np.ndarray:
     """The OpenCV version of the DALI graph: resize (INTER_AREA) → CLAHE → augment when `rng` is given."""
-    image = cv2.resize(gray, (cfg.image_size, cfg.image_size), interpolation=cv2.INTER_AREA)
-    image = cv2.createCLAHE(clipLimit=cfg.clahe_clip_limit, tileGridSize=(cfg.clahe_tiles, cfg.clahe_tiles)
+    image = cv2.resize(gray, (config.image_size, config.image_size), interpolation=cv2.INTER_AREA)
+    image = cv2.createCLAHE(clipLimit=config.clahe_clip_limit, tileGridSize=(config.clahe_tiles, config.clahe_tiles)
                             ).apply(image)
-    return augment_cv(image, cfg.augment, rng) if rng is not None else image
+    return augment_cv(image, config.augment, rng) if rng is not None else image
 
 
 def augment_cv(image: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

@@ -23,7 +23,7 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -34,14 +34,14 @@ from tqdm import tqdm
 from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
-from cxr_fast.data.codec import ID_BYTES, IMAGE_EXT, IMAGE_SUFFIXES, BadInput, encode_id, encode_image, read_gray
-from cxr_fast.data.dicom import looks_like_dicom
+from cxr_fast.data.sample import EXTENSIONS, ID_BYTES, encode_id, encode_image
+from cxr_fast.data.source import IMAGE_SUFFIXES, image_files, read_gray
 from cxr_fast.data.labels import demographics, multi_hot, read_label_table, read_split_list
-from cxr_fast.data.reader import FORMAT_VERSION
+from cxr_fast.data.reader import SHARD_FORMAT_VERSION
 from cxr_fast.data.shard_folder import ShardFolder
 from cxr_fast.data.split import plan_split, split_summary
 from cxr_fast.data.tario import add_member, dali_index, sha256_file
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import BadInput, CxrFastError
 from cxr_fast.files import folder_lock
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def _write_shard(job: dict) -> dict:
     """Worker: write one shard (tar + index) under temporary names, then rename. Returns its manifest record."""
-    spec = ShardConfig(**job["spec"])
+    config = ShardConfig(**job["config"])
     tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
     tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
     skipped, keys, patients, image_names, people = [], [], [], [], {"age": [], "sex": [], "view": []}
@@ -57,19 +57,19 @@ def _write_shard(job: dict) -> dict:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
                 try:
-                    gray, data, is_gray_png = read_gray(Path(sample["path"]), spec.max_pixels)
+                    gray, data, is_gray_png = read_gray(Path(sample["path"]), config.max_pixels)
                 except BadInput as bad:
-                    if spec.on_error == "fail":
+                    if config.on_error == "fail":
                         raise
                     skipped.append({"file": bad.path, "reason": bad.reason})
                     continue
-                if spec.resize:
-                    gray = cv2.resize(gray, (spec.resize, spec.resize), interpolation=cv2.INTER_AREA)
+                if config.resize:
+                    gray = cv2.resize(gray, (config.resize, config.resize), interpolation=cv2.INTER_AREA)
                 # An 8-bit gray PNG source is already what the png encoding stores: copy its bytes, skip re-encoding.
-                if spec.encoding == "png" and not spec.resize and is_gray_png:
+                if config.encoding == "png" and not config.resize and is_gray_png:
                     components = {"png": data}
                 else:
-                    components = encode_image(gray, spec.encoding, spec.jpeg_quality)
+                    components = encode_image(gray, config.encoding, config.jpeg_quality)
                 key = sample["key"]
                 meta = dict(sample["meta"], height=int(gray.shape[0]), width=int(gray.shape[1]))
                 components["labels"] = np.asarray(sample["meta"]["labels"], np.uint8).tobytes()
@@ -97,18 +97,13 @@ def _write_shard(job: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- planning
 def find_images(images_dir: Path) -> dict[str, Path]:
-    """Image file name -> path, searched recursively (NIH ships images_001/images/... folders): PNG, JPEG and DICOM
-    (by suffix, or a file without one that carries the DICOM marker)."""
-    if not images_dir.is_dir():
-        raise CxrFastError(f"image folder not found: {images_dir}")
+    """Image file name -> path, searched recursively (NIH ships images_001/images/... folders); a name found twice
+    is an error, since the table names images by file name."""
     found: dict[str, Path] = {}
-    for root, _dirs, files in os.walk(images_dir, onerror=_raise_unreadable):
-        for name in files:
-            path = Path(root) / name
-            if name.lower().endswith(IMAGE_SUFFIXES) or ("." not in name and looks_like_dicom(path)):
-                if name in found:
-                    raise CxrFastError(f"image name {name} occurs twice: {found[name]} and {path}")
-                found[name] = path
+    for path in image_files(images_dir):
+        if path.name in found:
+            raise CxrFastError(f"image name {path.name} occurs twice: {found[path.name]} and {path}")
+        found[path.name] = path
     return found
 
 
@@ -131,10 +126,6 @@ def sample_key(image_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
 
 
-def _raise_unreadable(error: OSError) -> None:
-    raise CxrFastError(f"cannot read folder {error.filename}: {error.strerror}")
-
-
 def _split_lists(labels_path: Path, test_list: Path | None, train_val_list: Path | None):
     """Official lists from flags, else from beside the table, else None (then fractions are used)."""
     if test_list is None and (labels_path.parent / "test_list.txt").exists():
@@ -148,8 +139,9 @@ def _split_lists(labels_path: Path, test_list: Path | None, train_val_list: Path
     return read_split_list(test_list), (read_split_list(train_val_list) if train_val_list else None), test_list
 
 
-def _digest(spec: ShardConfig, samples: list[dict]) -> str:
-    blob = json.dumps({"spec": asdict(spec) | {"on_error": None, "max_pixels": None},  # policy, not content
+def _digest(config: ShardConfig, samples: list[dict]) -> str:
+    content = {k: v for k, v in asdict(config).items() if k not in ("out", "workers")}
+    blob = json.dumps({"config": content | {"on_error": None, "max_pixels": None},  # policy, not content
                        "samples": [(s["key"], s["meta"]["labels"], s["size"]) for s in samples]})
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -158,10 +150,10 @@ def _whole(value) -> int | None:
     return None if value is None or not np.isfinite(value) else int(value)
 
 
-def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], spec: ShardConfig, out: Path):
+def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], config: ShardConfig, out: Path):
     """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
     labels, people = multi_hot(table), demographics(table)
-    rng = np.random.default_rng(spec.seed)
+    rng = np.random.default_rng(config.seed)
     jobs, keys = [], {}
     for split_name in C.SPLITS:
         rows = np.flatnonzero((split == split_name).to_numpy())
@@ -183,49 +175,55 @@ def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], s
                          "split": split_name, "age": _whole(people.at[row, "age"]), "sex": people.at[row, "sex"],
                          "view": people.at[row, "view"], "follow_up": _whole(people.at[row, "follow_up"])},
             })
-        for number, start in enumerate(range(0, len(samples), spec.shard_size)):
-            chunk = samples[start:start + spec.shard_size]
+        for number, start in enumerate(range(0, len(samples), config.shard_size)):
+            chunk = samples[start:start + config.shard_size]
             name = f"{split_name}/shard-{number:06d}"
             jobs.append({"name": f"{name}.tar", "tar": str(out / f"{name}.tar"), "idx": str(out / f"{name}.idx"),
-                         "spec": asdict(spec), "samples": chunk, "digest": _digest(spec, chunk)})
+                         "config": asdict(config), "samples": chunk, "digest": _digest(config, chunk)})
     return jobs
 
 
-def write_shards(
-    images_dir: str | Path,
-    labels_path: str | Path,
-    out: str | Path,
-    spec: ShardConfig = ShardConfig(),
-    workers: int = 1,
-    test_list: str | Path | None = None,
-    train_val_list: str | Path | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """The `cxr-fast shard` command. Returns the manifest."""
-    images_dir, labels_path, out = Path(images_dir), Path(labels_path), Path(out)
-    table, found, skipped, rows_without_image = _inputs(images_dir, labels_path, spec)
+@dataclass
+class Sources:
+    """What a shard set is made from: the table rows that have an image, their split, and where they came from."""
+
+    table: pd.DataFrame
+    split: pd.Series
+    images_dir: Path
+    labels_path: Path
+    list_source: Path | None
+    rows_without_image: int
+
+
+def write_shards(images_dir: str | Path, labels_path: str | Path, config: ShardConfig = ShardConfig(),
+                 split_lists: tuple = (None, None), overwrite: bool = False) -> dict:
+    """The `cxr-fast shard` command: shards in `config.out`. `split_lists` are the official (test, train_val) lists
+    (default: those beside the table, if any). Returns the manifest."""
+    images_dir, labels_path, out = Path(images_dir), Path(labels_path), Path(config.out)
+    table, found, skipped, rows_without_image = _inputs(images_dir, labels_path, config)
+    test_list, train_val_list = split_lists
     tests, train_vals, list_source = _split_lists(labels_path, test_list and Path(test_list),
                                                    train_val_list and Path(train_val_list))
-    split = plan_split(table, spec.val_fraction, spec.test_fraction, spec.seed, tests, train_vals)
+    split = plan_split(table, config.val_fraction, config.test_fraction, config.seed, tests, train_vals)
     not_listed = int((split == "").sum())
     if not_listed:
         log.warning("%d image(s) are in neither split list and are left out", not_listed)
         skipped += [{"file": str(found[n]), "reason": "in neither official split list"}
                     for n in table.loc[split == "", C.COL_IMAGE]]
-    jobs = plan_shards(table, split, found, spec, out)
+    sources = Sources(table, split, images_dir, labels_path, list_source, rows_without_image)
+    jobs = plan_shards(table, split, found, config, out)
     with folder_lock(out, "shards"):
         folder = ShardFolder(out, overwrite)
         folder.claim()
-        done = _run_jobs(jobs, folder, workers)
+        done = _run_jobs(jobs, folder, config.workers)
         for record in done.values():
             skipped += record["skipped"]
-        manifest = _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source,
-                             rows_without_image, skipped)
+        manifest = _manifest(sources, jobs, done, config, skipped)
         folder.finish(manifest)
     return manifest
 
 
-def _inputs(images_dir: Path, labels_path: Path, spec: ShardConfig):
+def _inputs(images_dir: Path, labels_path: Path, config: ShardConfig):
     """The table rows that have an image, the images found, the skipped inputs and the count of rows without one."""
     table = read_label_table(labels_path)
     files = find_images(images_dir)
@@ -235,7 +233,7 @@ def _inputs(images_dir: Path, labels_path: Path, spec: ShardConfig):
     orphans = sorted(set(files) - {path.name for path in found.values()})
     skipped = []
     if orphans:
-        if spec.on_error == "fail":
+        if config.on_error == "fail":
             raise CxrFastError(f"{files[orphans[0]]}: image has no row in {labels_path} "
                                f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
         skipped += [{"file": str(files[n]), "reason": "no row in the label table"} for n in orphans]
@@ -273,7 +271,8 @@ def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
     return done
 
 
-def _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_source, rows_without_image, skipped):
+def _manifest(sources: Sources, jobs: list[dict], done: dict, config: ShardConfig, skipped: list[dict]) -> dict:
+    table, split = sources.table, sources.split
     written = {key for record in done.values() for key in record["keys"]}
     kept = table[C.COL_IMAGE].map(sample_key).isin(written)
     summary = split_summary(table[kept].reset_index(drop=True), split[kept].reset_index(drop=True))
@@ -285,15 +284,15 @@ def _manifest(table, split, jobs, done, spec, images_dir, labels_path, list_sour
     for split_name in C.SPLITS:
         summary[split_name]["shards"] = [j["name"] for j in jobs if j["name"].startswith(split_name + "/")]
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": SHARD_FORMAT_VERSION,
         "cxr_fast_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": asdict(spec) | {"images": str(images_dir), "labels": str(labels_path),
-                                  "split_lists": str(list_source) if list_source else None},
-        "image_ext": IMAGE_EXT[spec.encoding],
+        "config": asdict(config) | {"images": str(sources.images_dir), "labels": str(sources.labels_path),
+                                    "split_lists": str(sources.list_source) if sources.list_source else None},
+        "image_ext": EXTENSIONS[config.encoding],
         "classes": list(C.CLASS_NAMES),
         "splits": summary,
         "shards": shards,
-        "rows_without_image": rows_without_image,
+        "rows_without_image": sources.rows_without_image,
         "skipped": skipped,
     }

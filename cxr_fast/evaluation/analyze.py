@@ -12,6 +12,7 @@ import heapq
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -20,19 +21,20 @@ import pandas as pd
 import torch
 
 from cxr_fast import constants as C
+from cxr_fast.calibration import apply_calibration
+from cxr_fast.config import AnalyzeConfig, DataConfig
 from cxr_fast.data.labels import format_finding_labels
-from cxr_fast.data.loader import create_loader, resolve_backend
+from cxr_fast.data.loader import LoaderSpec, create_loader, resolve_loader
 from cxr_fast.data.reader import load_manifest, sample_table
 from cxr_fast.data.transforms import normalize
 from cxr_fast.errors import CxrFastError
-from cxr_fast.calibration import apply_calibration
 from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
 from cxr_fast.evaluation.clinical import calibration_report, operating_point_report, subgroup_audit
 from cxr_fast.evaluation.clinical_report import (calibration_section, claim_section, operating_points_section,
                                                 plot_reliability, plot_subgroups, subgroup_section)
 from cxr_fast.evaluation.report import plot_curves, write_analysis_report
 from cxr_fast.metrics import per_class_report
-from cxr_fast.training.checkpoint import load_model
+from cxr_fast.training.checkpoint import ModelInfo, load_model
 from cxr_fast.training.engine import evaluate, resolve_amp, resolve_device
 from cxr_fast.training.losses import FocalLoss
 
@@ -110,40 +112,59 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
     return boxes[boxes["finding"].isin(C.CLASS_NAMES)]
 
 
-def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path, split: str = "test",
-                 device: str = "auto", backend: str = "auto", top_k: int = 3, bbox: str | Path | None = None,
-                 batch_size: int = 16, n_boot: int = 500) -> dict:
+@dataclass
+class ScoredSplit:
+    """A split as scored: keys in order, their image names and rows of the sample table, targets, probabilities,
+    the model and what it was trained with, and the processed images the collector kept."""
+
+    keys: list[str]
+    rows: pd.DataFrame  # sample_table rows in key order: image_index, patient_id, age, sex, view
+    targets: np.ndarray
+    probs: np.ndarray
+    model: torch.nn.Module
+    info: ModelInfo
+    device: torch.device
+    images: dict[str, np.ndarray]
+
+    @property
+    def image_index(self) -> list[str]:
+        return list(self.rows["image_index"])
+
+
+def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path,
+                 config: AnalyzeConfig = AnalyzeConfig()) -> dict:
+    """The `cxr-fast analyze` command; returns metrics.json's content."""
     out = Path(out)
-    target = resolve_device(device)
+    target = resolve_device(config.device)
     manifest = load_manifest(shards_dir)
+    split = config.split
     if split not in manifest["splits"] or not manifest["splits"][split]["images"]:
         raise CxrFastError(f"split {split!r} is missing or empty in {shards_dir}")
-    boxes = read_boxes(bbox) if bbox else None  # checked before the work starts
+    boxes = read_boxes(config.bbox) if config.bbox else None  # checked before the work starts
     model, info = load_model(checkpoint, target)
     samples = sample_table(manifest, split)
     boxed = set(boxes["image"]) if boxes is not None else set()
-    collector = ErrorCollector(info.thresholds, top_k, set(samples.index[samples["image_index"].isin(boxed)]))
-
-    loader = create_loader(backend, shards_dir, split, info.config.data, batch_size=batch_size, train=False,
-                           device=target)
+    collector = ErrorCollector(info.thresholds, config.top_k, set(samples.index[samples["image_index"].isin(boxed)]))
+    loader = create_loader(LoaderSpec(shards_dir, split, info.config.data, batch_size=config.batch_size,
+                                      loader=config.loader, device=target))
     started = time.perf_counter()
-    result = evaluate(model, loader, FocalLoss(info.config.optim.focal_gamma), target,
-                      resolve_amp(info.config.amp, target), on_batch=collector)
+    result = evaluate(model, loader, FocalLoss(info.config.optim.focal_gamma), resolve_amp(info.config.amp, target),
+                      on_batch=collector)
     seconds = time.perf_counter() - started
-    keys, probs, targets = result["keys"], result["probs"], result["targets"]
-    rows = samples.loc[keys]
+    keys = result["keys"]
+    scored = ScoredSplit(keys, samples.loc[keys], result["targets"], result["probs"], model, info, target, {})
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.csv", rows["image_index"], probs, info.calibration)
+    _write_predictions(out / "predictions.csv", scored.rows["image_index"], scored.probs, info.calibration)
 
-    metrics = per_class_report(targets, probs, info.thresholds, groups=rows["patient_id"].to_numpy(), n_boot=n_boot)
+    metrics = per_class_report(scored.targets, scored.probs, info.thresholds,
+                               groups=scored.rows["patient_id"].to_numpy(), n_boot=config.bootstrap)
     metrics |= {"split": split, "checkpoint": str(checkpoint), "checkpoint_epoch": info.epoch,
                 "threshold_source": "F1-optimal per class on the validation split, stored in the checkpoint",
                 "inference_images_per_second": len(keys) / seconds, "device": str(target),
-                "loader": resolve_backend(backend, target)}
-    curves = plot_curves(targets, probs, info.thresholds, out / "curves")
-    clinical = _clinical(metrics, targets, probs, info, rows, manifest, split, n_boot, out / "curves")
-    gallery, localization = _explain(model, info, collector, keys, list(rows["image_index"]), targets, probs, boxes,
-                                     target, out / "visualizations")
+                "loader": resolve_loader(config.loader, target)}
+    curves = plot_curves(scored.targets, scored.probs, info.thresholds, out / "curves")
+    clinical = _clinical(metrics, scored, manifest, config, out / "curves")
+    gallery, localization = _explain(scored, collector, boxes, out / "visualizations")
     metrics["localization"] = localization
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     report = write_analysis_report(out, metrics, curves, gallery, localization, clinical)
@@ -162,14 +183,15 @@ def _write_predictions(path: Path, image_index: pd.Series, probs: np.ndarray, ca
     frame.to_csv(path, index=False)
 
 
-def _clinical(metrics, targets, probs, info, rows, manifest, split, n_boot, folder) -> list[str]:
+def _clinical(metrics: dict, scored: ScoredSplit, manifest: dict, config: AnalyzeConfig, folder: Path) -> list[str]:
     """Calibration, operating points and the subgroup audit into `metrics`; their report sections."""
+    targets, probs, info = scored.targets, scored.probs, scored.info
     metrics["calibration"] = calibration_report(targets, probs, info.calibration)
     points = info.operating_points or {"max_f1": info.thresholds.tolist()}
     metrics["operating_points"] = operating_point_report(targets, probs, points)
-    metrics["subgroups"], metrics["subgroup_gaps"] = subgroup_audit(targets, probs, info.thresholds, rows,
-                                                                    min(n_boot, 200))
-    return [*claim_section(manifest, split),
+    metrics["subgroups"], metrics["subgroup_gaps"] = subgroup_audit(targets, probs, info.thresholds, scored.rows,
+                                                                    min(config.bootstrap, 200))
+    return [*claim_section(manifest, config.split),
             *calibration_section(metrics["calibration"], plot_reliability(metrics["calibration"],
                                                                           folder / "reliability.png")),
             *operating_points_section(metrics["operating_points"]),
@@ -177,39 +199,44 @@ def _clinical(metrics, targets, probs, info, rows, manifest, split, n_boot, fold
                               plot_subgroups(metrics["subgroups"], folder / "subgroups.png"))]
 
 
-def _explain(model, info, collector, keys, image_index, targets, probs, boxes, device, folder):
+def _explain(scored: ScoredSplit, collector: ErrorCollector, boxes: pd.DataFrame | None, folder: Path):
     """The Grad-CAM++ gallery of the collected errors and the localisation against the boxes."""
-    row_of = {key: row for row, key in enumerate(keys)}
+    row_of = {key: row for row, key in enumerate(scored.keys)}
     errors = {kind: {name: [(row_of[key], p) for key, p in chosen] for name, chosen in per_class.items()}
               for kind, per_class in collector.errors().items()}
-    explainer = CamExplainer(model)
-    gallery = _write_gallery(errors, keys, image_index, targets, probs, info.thresholds, collector.images, explainer,
-                             info.config, device, folder)
-    localization = _localization(boxes, keys, image_index, collector.images, explainer, info.config, device) \
-        if boxes is not None else None
+    scored.images = collector.images
+    explainer = CamExplainer(scored.model)
+    gallery = _write_gallery(scored, errors, explainer, folder)
+    localization = _localization(scored, boxes, explainer) if boxes is not None else None
     return gallery, localization
 
 
-def _model_input(image: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
-    return normalize(torch.from_numpy(image)[None, None].to(device), cfg.data.in_chans)
+def model_input(gray: np.ndarray, data: DataConfig, device: torch.device) -> torch.Tensor:
+    """The normalised model input of a processed uint8 image, as the loader made it."""
+    return normalize(torch.from_numpy(gray)[None, None].to(device), data.in_chans)
 
 
-def _write_gallery(errors, keys, image_index, targets, probs, thresholds, images, explainer, cfg, device, folder):
+def _cam(explainer: CamExplainer, scored: ScoredSplit, gray: np.ndarray, class_index: int) -> np.ndarray:
+    return explainer(model_input(gray, scored.info.config.data, scored.device), class_index)
+
+
+def _write_gallery(scored: ScoredSplit, errors: dict, explainer: CamExplainer, folder: Path) -> dict:
     """visualizations/{fp,fn}/<Class>_<rank>_<image>.png: processed input beside its Grad-CAM++ overlay."""
     gallery = {"fp": [], "fn": []}
+    thresholds, image_index = scored.info.thresholds, scored.image_index
     for kind, per_class in errors.items():
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for name, rows in per_class.items():
             c = C.CLASS_NAMES.index(name)
             for rank, (row, probability) in enumerate(rows, 1):
-                gray = images[keys[row]]
-                cam = explainer(_model_input(gray, cfg, device), c)
+                gray = scored.images[scored.keys[row]]
+                cam = _cam(explainer, scored, gray, c)
                 if gray.shape[0] < GALLERY_MIN_SIDE:  # small training sizes: enlarge so the captions stay legible
                     side = (GALLERY_MIN_SIDE, GALLERY_MIN_SIDE)
                     gray, cam = cv2.resize(gray, side), cv2.resize(cam, side)
                 panel = np.hstack([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), overlay(gray, cam)])
-                truth = format_finding_labels(targets[row] > 0.5)
-                predicted = format_finding_labels(probs[row] >= thresholds)
+                truth = format_finding_labels(scored.targets[row] > 0.5)
+                predicted = format_finding_labels(scored.probs[row] >= thresholds)
                 panel = _caption(panel, [f"{kind.upper()} {name}: p={probability:.3f} (threshold "
                                          f"{thresholds[c]:.3f})", f"true: {truth}", f"predicted: {predicted}"])
                 path = folder / kind / f"{name}_{rank}_{Path(image_index[row]).stem}.png"
@@ -229,16 +256,16 @@ def _caption(panel: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.vstack([band, panel])
 
 
-def _localization(boxes, keys, image_index, images, explainer, cfg, device) -> dict:
+def _localization(scored: ScoredSplit, boxes: pd.DataFrame, explainer: CamExplainer) -> dict:
     """Per class with boxes in this split: IoBB accuracy at 0.1/0.25/0.5 and pointing-game hit rate."""
-    scale = cfg.data.image_size / NIH_BOX_SPACE
-    row_of = {name: i for i, name in enumerate(image_index)}
+    scale = scored.info.config.data.image_size / NIH_BOX_SPACE
+    row_of = {name: i for i, name in enumerate(scored.image_index)}
     per_class: dict[str, dict] = {}
     for box in boxes.itertuples():
         if box.image not in row_of:
             continue
-        gray = images[keys[row_of[box.image]]]
-        cam = explainer(_model_input(gray, cfg, device), C.CLASS_NAMES.index(box.finding))
+        gray = scored.images[scored.keys[row_of[box.image]]]
+        cam = _cam(explainer, scored, gray, C.CLASS_NAMES.index(box.finding))
         truth = (box.x * scale, box.y * scale, box.w * scale, box.h * scale)
         score = iobb(cam_box(cam), truth)
         entry = per_class.setdefault(box.finding, {"boxes": 0, "hits": 0, **{f"iobb>{t}": 0 for t in IOBB_THRESHOLDS}})

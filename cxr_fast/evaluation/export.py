@@ -8,6 +8,7 @@ within 1e-3; otherwise nothing is left behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,19 +20,21 @@ import torch
 
 from cxr_fast import __version__
 from cxr_fast import constants as C
+from cxr_fast.data.transforms import normalize
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import atomic_json, make_folder
+from cxr_fast.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
-FORMAT = "cxr_fast.onnx"
-FORMAT_VERSION = 1
+EXPORT_FORMAT = "cxr_fast.onnx"
+EXPORT_FORMAT_VERSION = 1
 TOLERANCE = 1e-3
 OPSET = 17
 
 
 def _parity(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> float:
     """Largest difference of the probabilities, ONNX Runtime (CPU) against PyTorch (fp32, CPU)."""
-    import onnxruntime
+    import onnxruntime  # heavy, and only needed here: imported when an export is checked
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx = session.run(["logits"], {"image": inputs.numpy()})[0]
@@ -42,8 +45,6 @@ def _parity(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> float:
 
 def parity_inputs(size: int, chans: int, count: int = 4) -> torch.Tensor:
     """Inputs like the real ones: processed gray images (smooth structure plus noise), normalised."""
-    from cxr_fast.data.transforms import normalize
-
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     images = [np.clip(128 + 80 * np.sin(6 * xx + k) * np.cos(4 * yy - k) + rng.normal(0, 20, (size, size)), 0, 255)
@@ -53,10 +54,6 @@ def parity_inputs(size: int, chans: int, count: int = 4) -> torch.Tensor:
 
 def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
     """Write out/model.onnx and out/model.json; returns the metadata."""
-    from cxr_fast.training.checkpoint import load_model
-
-    import importlib.util
-
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise CxrFastError(f"export needs onnx and onnxruntime ({', '.join(missing)} missing): pip install onnx "
@@ -80,7 +77,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
         os.replace(tmp, out / "model.onnx")
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cxr_fast_version": __version__,
+    meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "cxr_fast_version": __version__,
             "checkpoint": str(checkpoint), "epoch": info.epoch, "model": info.config.model.name,
             "weights": info.weights, "classes": list(C.CLASS_NAMES),
             "thresholds": None if info.thresholds is None else info.thresholds.tolist(),
@@ -107,7 +104,7 @@ def read_metadata(onnx_path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise CxrFastError(f"{onnx_path} needs its {path.name} beside it (written by `cxr-fast export`): "
                            f"{error}") from None
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format") != EXPORT_FORMAT or meta.get("format_version", 0) > EXPORT_FORMAT_VERSION:
         raise CxrFastError(f"{path} is not a cxr-fast export of a version this cxr-fast reads")
     if meta.get("thresholds") is None:
         raise CxrFastError(f"{path} has no thresholds: export a checkpoint saved at an epoch end (best.pt)")

@@ -23,13 +23,16 @@ from tqdm import tqdm
 
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration
-from cxr_fast.config import DataConfig, ShardConfig
-from cxr_fast.data.codec import IMAGE_SUFFIXES, BadInput, read_gray
-from cxr_fast.data.dicom import looks_like_dicom
+from cxr_fast.config import DataConfig, PredictConfig
+from cxr_fast.data.source import image_files, read_gray
 from cxr_fast.data.labels import format_finding_labels
 from cxr_fast.data.transforms import normalize, process_gray
-from cxr_fast.errors import CxrFastError
+from cxr_fast.errors import BadInput, CxrFastError
+from cxr_fast.evaluation.cam import CamExplainer, overlay
+from cxr_fast.evaluation.export import read_metadata
 from cxr_fast.files import make_folder
+from cxr_fast.training.checkpoint import load_model
+from cxr_fast.training.engine import autocast, resolve_amp, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,6 @@ class Scorer:
 
 
 def torch_scorer(checkpoint: Path, device: torch.device) -> Scorer:
-    from cxr_fast.training.checkpoint import load_model
-    from cxr_fast.training.engine import autocast, resolve_amp
-
     model, info = load_model(checkpoint, device)
     amp = resolve_amp(info.config.amp, device)
 
@@ -62,9 +62,7 @@ def torch_scorer(checkpoint: Path, device: torch.device) -> Scorer:
 
 
 def onnx_scorer(path: Path, device: torch.device) -> Scorer:
-    from cxr_fast.evaluation.export import read_metadata
-
-    try:
+    try:  # ONNX Runtime is imported only when an ONNX model is scored: it is heavy and not needed otherwise
         import onnxruntime
     except ImportError:
         raise CxrFastError("scoring an ONNX model needs onnxruntime: pip install onnxruntime") from None
@@ -88,8 +86,7 @@ def find_inputs(inputs: list[Path]) -> list[Path]:
     files = []
     for item in inputs:
         if item.is_dir():
-            below = sorted(p for p in item.rglob("*") if p.is_file() and (p.name.lower().endswith(IMAGE_SUFFIXES) or
-                                                                        ("." not in p.name and looks_like_dicom(p))))
+            below = list(image_files(item))
             if not below:
                 raise CxrFastError(f"no PNG, JPEG or DICOM image below {item}")
             files += below
@@ -98,17 +95,19 @@ def find_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _prepare(path: Path, cfg: DataConfig, max_pixels: int) -> tuple[np.ndarray | None, str]:
+def _prepare(path: Path, config: DataConfig, max_pixels: int) -> tuple[np.ndarray | None, str]:
     try:
         gray, _data, _ = read_gray(path, max_pixels)
     except BadInput as bad:
         return None, bad.reason
-    return process_gray(gray, cfg), ""
+    return process_gray(gray, config), ""
 
 
-def predict(model_path: Path, inputs: list[Path], out: Path, device: torch.device, batch_size: int = 16,
-            workers: int | None = None, cam: bool = False, max_pixels: int = ShardConfig().max_pixels) -> pd.DataFrame:
-    """Score every input; writes out/predictions.csv (and out/cam/ with `cam`). Returns the table."""
+def predict(model_path: Path, inputs: list[Path], out: Path, config: PredictConfig = PredictConfig()
+            ) -> pd.DataFrame:
+    """Score every input; writes out/predictions.csv (and out/cam/ with `config.cam`). Returns the table."""
+    device, cam, batch_size, max_pixels = resolve_device(config.device), config.cam, config.batch_size, \
+        config.max_pixels
     scorer = onnx_scorer(model_path, device) if model_path.suffix == ".onnx" else torch_scorer(model_path, device)
     if cam and scorer.model is None:
         raise CxrFastError("--cam needs the PyTorch checkpoint (Grad-CAM++ takes gradients); an ONNX model has none")
@@ -116,11 +115,9 @@ def predict(model_path: Path, inputs: list[Path], out: Path, device: torch.devic
     make_folder(out)
     rows, explainer = [], None
     if cam:
-        from cxr_fast.evaluation.cam import CamExplainer
-
         explainer = CamExplainer(scorer.model)
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool, tqdm(total=len(files), unit="img",
+    with ThreadPoolExecutor(config.workers or os.cpu_count()) as pool, tqdm(total=len(files), unit="img",
                                                                      desc="predict") as progress:
         def submit(chunk):  # Executor.map starts the work at once: the next chunk is read while this one scores
             return pool.map(lambda p: _prepare(p, scorer.data, max_pixels), chunk)
@@ -168,8 +165,6 @@ def _score(scorer: Scorer, paths: list[Path], prepared: list, explainer, out: Pa
 def _write_cams(explainer, model_input: torch.Tensor, gray: np.ndarray, positive: np.ndarray, path: Path,
                 folder: Path) -> None:
     """One Grad-CAM++ overlay per finding called positive: cam/<image>_<Class>.png."""
-    from cxr_fast.evaluation.cam import overlay
-
     folder.mkdir(exist_ok=True)
     for c in np.flatnonzero(positive):
         heat = explainer(model_input, int(c))

@@ -32,11 +32,13 @@ import torch
 
 from cxr_fast import __version__
 from cxr_fast import constants as C
-from cxr_fast.config import RunConfig, from_dict
+from cxr_fast.config import RunConfig, from_dict, to_dict
 from cxr_fast.errors import CxrFastError
+from cxr_fast.training.engine import unwrap
+from cxr_fast.training.model import create_model
 
-FORMAT = "cxr_fast.checkpoint"
-FORMAT_VERSION = 2
+CHECKPOINT_FORMAT = "cxr_fast.checkpoint"
+CHECKPOINT_FORMAT_VERSION = 2
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -73,7 +75,8 @@ def checksum(payload: dict) -> str:
 def save_checkpoint(payload: dict, path: str | Path) -> None:
     """Stamp format, version and checksum, then write atomically. Raises TypeError for non-plain content."""
     path = Path(path)
-    payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION, cxr_fast_version=__version__)
+    payload = dict(payload, format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_FORMAT_VERSION,
+                   cxr_fast_version=__version__)
     payload["checksum"] = checksum(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -117,8 +120,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(payload, dict) or "model" not in payload:
         raise CxrFastError(f"{path} is not a cxr-fast checkpoint (no 'model' entry)")
     version = payload.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CxrFastError(f"{path} has checkpoint format {version}; this cxr-fast reads up to {FORMAT_VERSION}: "
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CxrFastError(f"{path} has checkpoint format {version}; this cxr-fast reads up to {CHECKPOINT_FORMAT_VERSION}: "
                            "upgrade cxr-fast")
     if version >= 2:
         try:
@@ -194,8 +197,6 @@ class ModelInfo:
 def load_model(path: str | Path, device: torch.device | str = "cpu", need_thresholds: bool = True):
     """(model in eval mode on `device`, ModelInfo) from a checkpoint. The EMA weights are used where the run kept
     them, since validation (and so the thresholds) used them."""
-    from cxr_fast.training.model import create_model
-
     payload = load_checkpoint(path)
     if need_thresholds and payload.get("thresholds") is None:
         raise CxrFastError(f"{path} has no validation thresholds (saved before the first validation); use best.pt "
@@ -220,9 +221,6 @@ def training_payload(state, config: RunConfig, rng: list | dict, best_auc: float
                      val: dict | None = None) -> dict:
     """The checkpoint of a run at a step boundary (`state` is the engine's TrainState). `chosen` holds what the
     latest validation chose: thresholds (max-F1), operating_points and calibration."""
-    from cxr_fast.config import to_dict
-    from cxr_fast.training.engine import unwrap
-
     chosen = chosen or {}
     return {"model": unwrap(state.model).state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),

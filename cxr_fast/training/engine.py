@@ -33,6 +33,8 @@ class TrainState:
     amp_dtype: torch.dtype | None
     accum: int
     clip_grad_norm: float
+    loss_fn: nn.Module
+    device: torch.device
     ema: nn.Module | None = None
     epoch: int = 0
     step: int = 0  # optimizer steps done
@@ -113,8 +115,33 @@ class EpochStats:
     loss: float  # mean of the epoch's micro-batch losses so far (all ranks)
     stopped: bool
     images: int  # trained by this call, all ranks
-    seconds: float
-    input_wait_seconds: float
+    seconds: float  # of this call, the device's work finished
+    input_wait_seconds: float  # within the timed window
+    timed_images: int  # after the warm-up steps: what images/s is computed from
+    timed_seconds: float
+    warmup_steps: int
+
+    @property
+    def images_per_second(self) -> float:
+        """Over the timed window; over the whole call where the epoch was too short to leave the warm-up out."""
+        if self.timed_images and self.timed_seconds > 0:
+            return self.timed_images / self.timed_seconds
+        return self.images / self.seconds
+
+    @property
+    def data_wait_fraction(self) -> float:
+        if self.timed_images and self.timed_seconds > 0:
+            return self.input_wait_seconds / self.timed_seconds
+        return self.input_wait_seconds / self.seconds
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def never(_step: int) -> bool:
+    return False
 
 
 def _agree(tensor: torch.Tensor) -> list[float]:
@@ -124,23 +151,26 @@ def _agree(tensor: torch.Tensor) -> list[float]:
     return tensor.tolist()
 
 
-def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch.device, batches: int,
-                    stop_requested, show_progress: bool = True) -> EpochStats:
+def train_one_epoch(state: TrainState, loader, batches: int, stop_requested=never, show_progress: bool = True,
+                    warmup_steps: int = 0) -> EpochStats:
     """Run micro-batches until `batches` (a multiple of accum) are done or a rank's `stop_requested(step)` says so
     for the step about to be taken (it is taken, then the epoch stops). Resumes inside an epoch by skipping the
     `state.batch_in_epoch` batches already trained on.
 
     Losses stay on the device; once per optimizer step, before the step, one collective brings the step's loss, a
-    non-finite flag and the stop requests of all ranks to the host, so all ranks raise or stop together."""
-    model, accum = state.model, state.accum
+    non-finite flag and the stop requests of all ranks to the host, so all ranks raise or stop together. The first
+    `warmup_steps` optimizer steps of this call (autotuning and compilation at a new input shape) are left out of
+    the timed window that images/s is computed from."""
+    model, accum, device = state.model, state.accum, state.device
     model.train()
     skip = state.batch_in_epoch
     if skip == 0:
         state.history = {"loss_sum": 0.0, "loss_count": 0}
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     progress = tqdm(total=batches, initial=skip, desc=f"epoch {state.epoch + 1}", unit="batch",
                     disable=not show_progress, leave=False)
     wait, recent, images, started = InputWait(device), [], 0, time.perf_counter()
+    timer = _Window(device, warmup_steps)
     cycle = torch.zeros((), dtype=torch.float64, device=device)
     iterator = iter(loader)
     for index in range(batches):
@@ -151,33 +181,66 @@ def train_one_epoch(state: TrainState, loader, loss_fn: nn.Module, device: torch
         if index < skip:
             continue  # already trained on before the interruption; the loader is seeded, so these are the same
         wait.fetched(time.perf_counter() - before)
-        last_of_step = (index + 1) % accum == 0
-        sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_of_step \
-            else contextlib.nullcontext()
-        with sync:
-            with autocast(device, state.amp_dtype):
-                logits = model(batch.images)
-            loss = loss_fn(logits, batch.targets)
-            state.scaler.scale(loss / accum).backward()
-        cycle += loss.detach().double()
-        images += len(batch.keys) * world
-        if not last_of_step:
+        _forward_backward(state, batch, cycle, last_of_step=(index + 1) % accum == 0)
+        images += len(batch.keys) * world_size
+        if (index + 1) % accum:
             wait.computed()
             continue
-        loss_per_batch, stop = _step(state, cycle, world, stop_requested, wait, index)
-        cycle = torch.zeros_like(cycle)
+        loss_per_batch, stop = _step(state, cycle, world_size, stop_requested, wait, index)
+        cycle.zero_()
         state.batch_in_epoch = index + 1
+        timer.stepped(images, wait)
         recent = (recent + [loss_per_batch])[-50:]
         progress.update(accum)
         progress.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{images / (time.perf_counter() - started):.1f}")
         if stop:
             break
     progress.close()
+    synchronize(device)
+    timed_images, timed_seconds, timed_wait = timer.close(images, wait)
     return EpochStats(state.history["loss_sum"] / max(1, state.history["loss_count"]), state.batch_in_epoch < batches,
-                      images, time.perf_counter() - started, wait.seconds)
+                      images, time.perf_counter() - started, timed_wait, timed_images, timed_seconds, warmup_steps)
 
 
-def _step(state: TrainState, cycle: torch.Tensor, world: int, stop_requested, wait: InputWait, index: int):
+class _Window:
+    """The timed window of an epoch: it opens after `warmup` optimizer steps, with the device's work done."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup, self.steps = device, warmup, 0
+        self.started = time.perf_counter() if warmup == 0 else None
+        self.images = self.wait = 0
+
+    def stepped(self, images: int, wait: InputWait) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            synchronize(self.device)
+            wait.collect()
+            self.started, self.images, self.wait = time.perf_counter(), images, wait.seconds
+
+    def close(self, images: int, wait: InputWait) -> tuple[int, float, float]:
+        """(images, seconds, input-wait seconds) inside the window; for a window that never opened, no images and
+        the whole call's input wait."""
+        wait.collect()
+        if self.started is None:
+            return 0, 0.0, wait.seconds
+        return images - self.images, time.perf_counter() - self.started, wait.seconds - self.wait
+
+
+def _forward_backward(state: TrainState, batch, cycle: torch.Tensor, last_of_step: bool) -> None:
+    """One micro-batch: forward under autocast, loss, scaled backward (DDP syncs gradients on the last of a step);
+    its loss is added to `cycle` on the device."""
+    model = state.model
+    sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_of_step \
+        else contextlib.nullcontext()
+    with sync:
+        with autocast(state.device, state.amp_dtype):
+            logits = model(batch.images)
+        loss = state.loss_fn(logits, batch.targets)
+        state.scaler.scale(loss / state.accum).backward()
+    cycle += loss.detach().double()
+
+
+def _step(state: TrainState, cycle: torch.Tensor, world_size: int, stop_requested, wait: InputWait, index: int):
     """End of an accumulation cycle: the one sync (loss, non-finite flag, stop), then the optimizer step.
     Returns (mean micro-batch loss over ranks, whether to stop)."""
     device = cycle.device
@@ -191,9 +254,9 @@ def _step(state: TrainState, cycle: torch.Tensor, world: int, stop_requested, wa
     _optimizer_step(state)
     wait.computed()
     # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
-    state.history["loss_sum"] += total / world
+    state.history["loss_sum"] += total / world_size
     state.history["loss_count"] += state.accum
-    return total / world / state.accum, bool(stop)
+    return total / world_size / state.accum, bool(stop)
 
 
 def _optimizer_step(state: TrainState) -> None:
@@ -215,11 +278,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-             distributed: bool = False, show_progress: bool = True, on_batch=None) -> dict:
-    """Predictions over the whole split, gathered across ranks (each sample exactly once): probs, targets, keys
-    (sorted by key, so every rank holds the same arrays) and the mean loss. Results stay on the device until the
-    end (one transfer, no sync per batch); `on_batch(batch, probs)` sees each batch as it is scored."""
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module, amp_dtype: torch.dtype | None, show_progress: bool = True,
+             on_batch=None) -> dict:
+    """Predictions over the whole split on the loader's device, gathered across ranks when a process group is up
+    (each sample exactly once): probs, targets, keys (sorted by key, so every rank holds the same arrays) and the mean
+    loss. Results stay on the device until the end (one transfer, no sync per batch); `on_batch(batch, probs)` sees
+    each batch as it is scored."""
+    device = loader.device
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     model.eval()
     probs, targets, keys = [], [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -30,11 +30,11 @@ def candidates(effective: int) -> list[int]:
     return sizes + ([1] if 1 not in sizes else [])
 
 
-def _step_peak(model: nn.Module, cfg: RunConfig, batch: int, device: torch.device, amp_dtype) -> int:
+def _step_peak(model: nn.Module, config: RunConfig, batch: int, device: torch.device, amp_dtype) -> int:
     """Peak memory (bytes) of one forward and backward pass at this micro-batch."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    size, chans = cfg.data.image_size, cfg.data.in_chans
+    size, chans = config.data.image_size, config.data.in_chans
     x = torch.randn(batch, chans, size, size, device=device).contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
         out = model(x)
@@ -43,11 +43,11 @@ def _step_peak(model: nn.Module, cfg: RunConfig, batch: int, device: torch.devic
     return torch.cuda.max_memory_allocated(device)
 
 
-def probe_micro_batch(model: nn.Module, cfg: RunConfig, device: torch.device, amp_dtype) -> int:
+def probe_micro_batch(model: nn.Module, config: RunConfig, device: torch.device, amp_dtype) -> int:
     total = torch.cuda.get_device_properties(device).total_memory
-    for batch in candidates(cfg.optim.effective_batch):
+    for batch in candidates(config.optim.effective_batch):
         try:
-            peak = _step_peak(model, cfg, batch, device, amp_dtype)
+            peak = _step_peak(model, config, batch, device, amp_dtype)
             fits = peak < HEADROOM * total
             log.info("micro-batch %d: peak %.1f GiB of %.1f%s", batch, peak / 2 ** 30, total / 2 ** 30,
                      "" if fits else " (too close to the limit)")
@@ -60,15 +60,15 @@ def probe_micro_batch(model: nn.Module, cfg: RunConfig, device: torch.device, am
         if fits:
             return batch
     raise CxrFastError(f"not even a micro-batch of 1 fits {torch.cuda.get_device_name(device)} at "
-                       f"--image-size {cfg.data.image_size}; lower it or use a smaller --model")
+                       f"--image-size {config.data.image_size}; lower it or use a smaller --model")
 
 
-def resolve_batch(cfg: RunConfig, model: nn.Module, device: torch.device, amp_dtype) -> RunConfig:
+def resolve_batch(config: RunConfig, model: nn.Module, device: torch.device, amp_dtype) -> RunConfig:
     """The config with a whole micro-batch and accumulation (`auto` resolved; the same on every rank)."""
-    optim = cfg.optim
+    optim = config.optim
     batch = optim.batch_size
     if batch == "auto":
-        batch = probe_micro_batch(model, cfg, device, amp_dtype) if device.type == "cuda" else optim.effective_batch
+        batch = probe_micro_batch(model, config, device, amp_dtype) if device.type == "cuda" else optim.effective_batch
         if dist.is_available() and dist.is_initialized():
             agreed = torch.tensor([batch], device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -76,4 +76,4 @@ def resolve_batch(cfg: RunConfig, model: nn.Module, device: torch.device, amp_dt
     accum = optim.effective_batch // batch if optim.accum == "auto" else optim.accum
     if optim.batch_size == "auto":
         log.info("--batch-size auto: %d x %d per optimizer step on %s", batch, accum, device)
-    return replace(cfg, **{"optim.batch_size": batch, "optim.accum": accum})
+    return replace(config, **{"optim.batch_size": batch, "optim.accum": accum})

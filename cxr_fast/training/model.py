@@ -17,7 +17,7 @@ from cxr_fast.config import ModelConfig
 from cxr_fast.errors import CxrFastError
 
 
-def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_CLASSES,
+def create_model(config: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_CLASSES,
                  pretrained: bool | None = None) -> nn.Module:
     """Build the classifier. A one-channel stem folds the pretrained RGB weights (timm sums them over channels).
 
@@ -25,29 +25,29 @@ def create_model(cfg: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_C
     """
     import timm
 
-    use_pretrained = cfg.pretrained if pretrained is None else pretrained
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": cfg.drop_rate}
-    if not timm.is_model(cfg.name):
-        raise CxrFastError(f"unknown timm model {cfg.name!r} (e.g. convnext_large, convnext_atto)")
-    if cfg.weights and use_pretrained is not False:
-        path = Path(cfg.weights)
+    use_pretrained = config.pretrained if pretrained is None else pretrained
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": config.drop_rate}
+    if not timm.is_model(config.name):
+        raise CxrFastError(f"unknown timm model {config.name!r} (e.g. convnext_large, convnext_atto)")
+    if config.weights and use_pretrained is not False:
+        path = Path(config.weights)
         if not path.is_file():
             raise CxrFastError(f"--weights {path}: no such file")
         try:
-            model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            model = timm.create_model(config.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as error:
             reason = str(error).splitlines()[0][:300]
-            raise CxrFastError(f"--weights {path} does not fit {cfg.name}: {reason}") from None
+            raise CxrFastError(f"--weights {path} does not fit {config.name}: {reason}") from None
     elif use_pretrained:
         try:
-            model = timm.create_model(cfg.name, pretrained=True, **kwargs)
+            model = timm.create_model(config.name, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as error:  # huggingface_hub's offline and not-found errors are OSErrors
             raise CxrFastError(
-                f"could not get ImageNet weights for {cfg.name} from the timm hub ({type(error).__name__}). "
-                f"If this machine is offline, pass --weights FILE (a timm or torch checkpoint of {cfg.name}, e.g. "
+                f"could not get ImageNet weights for {config.name} from the timm hub ({type(error).__name__}). "
+                f"If this machine is offline, pass --weights FILE (a timm or torch checkpoint of {config.name}, e.g. "
                 f"downloaded elsewhere), or --no-pretrained to train from random weights.") from None
     else:
-        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
-    if cfg.channels_last:
+        model = timm.create_model(config.name, pretrained=False, **kwargs)
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from cxr_fast import constants as C
 from cxr_fast.calibration import fit_calibration
 from cxr_fast.config import RunConfig, dump_yaml, from_dict
-from cxr_fast.data.loader import create_loader
+from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
@@ -42,19 +42,22 @@ from cxr_fast.training.monitor import RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
 
 log = logging.getLogger(__name__)
+# Optimizer steps at a new input side (a run's first, each change of side) left out of train_images_per_second:
+# cuDNN's autotuning and torch.compile run in the first micro-batches at a shape.
+WARMUP_STEPS = 1
 
 
 @dataclass(frozen=True)
 class Env:
-    """Where this process runs: its rank among `world` and its device."""
+    """Where this process runs: its rank among `world_size` ranks and its device."""
 
     rank: int
-    world: int
+    world_size: int
     device: torch.device
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -99,7 +102,7 @@ class _StopFlag:
 
 
 def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -109,27 +112,27 @@ def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = cudnn_benchmark  # fixed input shapes: cuDNN picks its kernels once
-    if world > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Env(rank, world, device)
+    return Env(rank, world_size, device)
 
 
-def check_splits(manifest: dict, world: int) -> None:
+def check_splits(manifest: dict, world_size: int) -> None:
     """Before any model is built: a training image per rank and a validation split to choose thresholds on."""
-    if manifest["splits"]["train"]["images"] < world:
-        raise CxrFastError(f"{manifest['splits']['train']['images']} training images are too few for {world} rank(s)")
+    if manifest["splits"]["train"]["images"] < world_size:
+        raise CxrFastError(f"{manifest['splits']['train']['images']} training images are too few for {world_size} rank(s)")
     if not manifest["splits"]["val"]["images"]:
         raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
 
 
-def plan_epochs(cfg: RunConfig, manifest: dict, world: int) -> Plan:
+def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
     """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
     shuffle)."""
     n_train = manifest["splits"]["train"]["images"]
-    batch, accum = cfg.optim.batch_size, cfg.optim.accum
-    steps = (n_train // world) // batch // accum
+    batch, accum = config.optim.batch_size, config.optim.accum
+    steps = (n_train // world_size) // batch // accum
     if steps < 1:
-        raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world} "
+        raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world_size} "
                            "rank(s); lower --batch-size or --accum")
     return Plan(n_train, steps, steps * accum)
 
@@ -147,59 +150,63 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(cfg: RunConfig, env: Env, resumed: dict | None):
+def build_model(config: RunConfig, env: Env, resumed: dict | None):
     """The model with its weights (loaded before any wrapping) and its EMA."""
-    model = create_model(cfg.model, cfg.data.in_chans, pretrained=None if resumed is None else False).to(env.device)
+    model = create_model(config.model, config.data.in_chans,
+                         pretrained=None if resumed is None else False).to(env.device)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     ema = None
-    if cfg.optim.ema_decay > 0:
+    if config.optim.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+        ema = ModelEmaV3(model, decay=config.optim.ema_decay)
     return model, ema
 
 
-def build_state(cfg: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema) -> TrainState:
+def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema, loss_fn: torch.nn.Module
+                ) -> TrainState:
     """Optimizer (fused AdamW on CUDA), schedule and scaler around the (possibly compiled, DDP-wrapped) model."""
-    train_model = torch.compile(model) if cfg.model.compile else model
+    train_model = torch.compile(model) if config.model.compile else model
     if env.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                   fused=env.device.type == "cuda" or None)
-    total = plan.total_steps(cfg.optim.epochs)
+    total = plan.total_steps(config.optim.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        total, int(cfg.optim.warmup_fraction * total), cfg.optim.min_lr_ratio))
-    amp_dtype = resolve_amp(cfg.amp, env.device)
+        total, int(config.optim.warmup_fraction * total), config.optim.min_lr_ratio))
+    amp_dtype = resolve_amp(config.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, cfg.optim.accum, cfg.optim.clip_grad_norm,
-                      ema)
+    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
+                      config.optim.clip_grad_norm,
+                      loss_fn.to(env.device), env.device, ema)
 
 
 class Run:
     """One training run, epoch by epoch; see `run_training`."""
 
-    def __init__(self, cfg: RunConfig, shards_dir: Path, out_dir: Path, env: Env, resumed: dict | None,
+    def __init__(self, config: RunConfig, shards_dir: Path, out_dir: Path, env: Env, resumed: dict | None,
                  show_progress: bool):
-        self.cfg, self.shards_dir, self.out_dir, self.env = cfg, shards_dir, out_dir, env
+        self.config, self.shards_dir, self.out_dir, self.env = config, shards_dir, out_dir, env
         self.show_progress = show_progress and env.is_main
         manifest = load_manifest(shards_dir)
-        check_splits(manifest, env.world)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
-        model, ema = build_model(cfg, env, resumed)
-        torch.manual_seed(cfg.seed + env.rank)  # then each rank its own dropout and augmentation draws
-        self.cfg = cfg = resolve_batch(cfg, model, env.device, resolve_amp(cfg.amp, env.device))
-        self.plan = plan_epochs(cfg, manifest, env.world)
-        self.state = build_state(cfg, self.plan, env, model, ema)
+        check_splits(manifest, env.world_size)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
+        model, ema = build_model(config, env, resumed)
+        torch.manual_seed(config.seed + env.rank)  # then each rank its own dropout and augmentation draws
+        self.config = config = resolve_batch(config, model, env.device, resolve_amp(config.amp, env.device))
+        self.plan = plan_epochs(config, manifest, env.world_size)
+        weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
+            if config.optim.class_weighting == "inverse_frequency" else None
+        self.state = build_state(config, self.plan, env, model, ema, FocalLoss(config.optim.focal_gamma, weights))
+        self.loss_fn = self.state.loss_fn
         self.best_auc = restore_training(resumed, self.state, env.rank) if resumed is not None else -1.0
         self.chosen = chosen_on_validation(resumed) if resumed is not None else None  # kept in every last.pt
-        weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
-            if cfg.optim.class_weighting == "inverse_frequency" else None
-        self.loss_fn = FocalLoss(cfg.optim.focal_gamma, weights).to(env.device)
         self.saver = CheckpointSaver(out_dir)
-        self.monitor = RunMonitor(out_dir, cfg.tensorboard) if env.is_main else None
-        self.stop = _StopFlag(cfg.max_steps, self.state, env)
+        self.monitor = RunMonitor(out_dir, config.tensorboard) if env.is_main else None
+        self.stop = _StopFlag(config.max_steps, self.state, env)
+        self.warm_side: int | None = None  # the input side this process has trained at (autotuned, compiled)
         if resumed is not None:
             log.info("resuming at epoch %d, step %d", self.state.epoch + 1, self.state.step)
 
@@ -213,20 +220,20 @@ class Run:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        dump_yaml(self.cfg, self.out_dir / "config.yaml")
-        p, o = self.plan, self.cfg.optim
+        dump_yaml(self.config, self.out_dir / "config.yaml")
+        p, o = self.plan, self.config.optim
         log.info("training %s on %s (%d rank(s)): %d images, %d steps/epoch of %d x %d x %d, %d epochs",
-                 self.cfg.model.name, self.env.device, self.env.world, p.train_images, p.steps_per_epoch,
-                 o.batch_size, o.accum, self.env.world, o.epochs)
+                 self.config.model.name, self.env.device, self.env.world_size, p.train_images, p.steps_per_epoch,
+                 o.batch_size, o.accum, self.env.world_size, o.epochs)
 
     def save(self, record=None, best: bool = False) -> None:
         rng = rng_states()
         if self.env.distributed:
-            gathered = [None] * self.env.world
+            gathered = [None] * self.env.world_size
             dist.all_gather_object(gathered, rng)
             rng = gathered
         if self.env.is_main:
-            self.saver.save(training_payload(self.state, self.cfg, rng, self.best_auc, self.chosen, record), best)
+            self.saver.save(training_payload(self.state, self.config, rng, self.best_auc, self.chosen, record), best)
 
     def train_epoch(self) -> EpochStats | None:
         """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop).
@@ -234,13 +241,16 @@ class Run:
         Each epoch gets a loader of its own, seeded by (seed, epoch, rank): that seed is what lets a resumed epoch
         replay the same batches. Building one costs about 2 s (the DALI pipeline, on an H200), against minutes for
         an epoch of ChestX-ray14; `bench loader` keeps one loader across epochs to measure the steady state."""
-        cfg, env, state = self.cfg, self.env, self.state
-        loader = create_loader(cfg.loader, self.shards_dir, "train", cfg.data, batch_size=cfg.optim.batch_size,
-                               train=True, device=env.device, seed=loader_seed(cfg.seed, state.epoch, env.rank),
-                               rank=env.rank, world_size=env.world)
+        config, env, state = self.config, self.env, self.state
+        loader = create_loader(LoaderSpec(self.shards_dir, "train", config.data, batch_size=config.optim.batch_size,
+                                          train=True, device=env.device, seed=loader_seed(config.seed, state.epoch,
+                                          env.rank), rank=env.rank, world_size=env.world_size, loader=config.loader))
         try:
-            return train_one_epoch(state, loader, self.loss_fn, env.device, self.plan.batches_per_epoch,
-                                   self.stop.local, self.show_progress)
+            side = config.data.image_size
+            warmup = 0 if side == self.warm_side else WARMUP_STEPS
+            self.warm_side = side
+            return train_one_epoch(state, loader, self.plan.batches_per_epoch, self.stop.local, self.show_progress,
+                                   warmup)
         except NonFiniteLoss as error:
             # The weights are those of the last good optimizer step; resuming replays the current one.
             state.batch_in_epoch -= state.batch_in_epoch % state.accum
@@ -258,12 +268,12 @@ class Run:
     def validate(self) -> dict:
         """Metrics of the validation split (every sample once across ranks); sets `self.chosen`: the per-class
         thresholds of the three operating points and the calibration, all fitted on these predictions."""
-        cfg, env = self.cfg, self.env
-        loader = create_loader(cfg.loader, self.shards_dir, "val", cfg.data, batch_size=cfg.optim.batch_size * 2,
-                               train=False, device=env.device, rank=env.rank, world_size=env.world)
+        config, env = self.config, self.env
+        loader = create_loader(LoaderSpec(self.shards_dir, "val", config.data,
+                                          batch_size=config.optim.batch_size * 2, train=False, device=env.device,
+                                          rank=env.rank, world_size=env.world_size, loader=config.loader))
         model = self.state.ema.module if self.state.ema is not None else self.state.model
-        result = evaluate(model, loader, self.loss_fn, env.device, self.state.amp_dtype, env.distributed,
-                          self.show_progress)
+        result = evaluate(model, loader, self.loss_fn, self.state.amp_dtype, self.show_progress)
         targets, probs = result["targets"], result["probs"]
         auc, per_class = macro_auc(targets, probs)
         points = operating_points(targets, probs)
@@ -285,8 +295,9 @@ class Run:
         state.batch_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, **record,
                   "lr": float(state.scheduler.get_last_lr()[0]),
-                  "train_images_per_second": stats.images / stats.seconds if stats else None,
-                  "data_wait_fraction": stats.input_wait_seconds / stats.seconds if stats else None}
+                  "train_images_per_second": stats.images_per_second if stats else None,
+                  "data_wait_fraction": stats.data_wait_fraction if stats else None,
+                  "warmup_steps": stats.warmup_steps if stats else None}
         if self.env.device.type == "cuda":
             record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
         improved = record["val_macro_auc"] > self.best_auc
@@ -307,7 +318,7 @@ class Run:
 
     def loop(self) -> dict:
         record = None
-        while self.state.epoch < self.cfg.optim.epochs:
+        while self.state.epoch < self.config.optim.epochs:
             if self.state.step and self.state.batch_in_epoch == 0 and self.stop():  # last.pt already saved
                 log.info("stopped by %s at step %d (continue with --resume)", self.stop.reason, self.state.step)
                 return {"stopped": self.stop.reason, "step": self.state.step}
@@ -326,13 +337,15 @@ class Run:
         return record
 
 
-def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                 show_progress: bool = True, overwrite: bool = False, changes: dict | None = None) -> dict:
+def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool | dict = False,
+                 show_progress: bool = True, overwrite: bool = False) -> dict:
     """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
     <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder.
 
-    With resume, the run's config comes from last.pt and `cfg` is not used; `changes` (dotted config paths → values,
-    the flags given) may change what `resume.RESUMABLE` lists, and any other change is an error."""
+    With resume (True, or a dict of changes: dotted config paths → values, the flags given), the run's config comes
+    from last.pt and `config` is not used; the changes may change what `resume.RESUMABLE` lists, and any other change is
+    an error."""
+    changes = resume if isinstance(resume, dict) else {}
     out_dir = Path(out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with folder_lock(out_dir, "a training run") if is_main else contextlib.nullcontext():
@@ -340,12 +353,12 @@ def run_training(cfg: RunConfig, shards_dir: str | Path, out_dir: str | Path, re
         resumed = CheckpointSaver(out_dir).load_last() if resume else None
         if resumed is not None:
             saved = from_dict(RunConfig, resumed["config"], where=f"{out_dir} checkpoint config")
-            cfg = resumed_config(saved, changes or {}, resumed["epoch"])
-        env = setup_distributed(cfg.device, cfg.cudnn_benchmark)
-        np.random.seed(cfg.seed + env.rank)
+            config = resumed_config(saved, changes, resumed["epoch"])
+        env = setup_distributed(config.device, config.cudnn_benchmark)
+        np.random.seed(config.seed + env.rank)
         previous_handler = run = None
         try:
-            run = Run(cfg, Path(shards_dir), out_dir, env, resumed, show_progress)
+            run = Run(config, Path(shards_dir), out_dir, env, resumed, show_progress)
             run.start(replaced)
             previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
             return run.loop()

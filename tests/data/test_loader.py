@@ -13,10 +13,11 @@ from conftest import needs_real_data
 from cxr_fast.cli import cli
 from cxr_fast.config import DataConfig
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.loader import create_loader, rank_range
-from cxr_fast.data.reader import iter_samples, load_manifest, split_shards
+from cxr_fast.data.loader import LoaderSpec, create_loader, rank_range
+from cxr_fast.data.reader import load_manifest, split_shards
+from cxr_fast.data.tario import walk_tar
 
-BACKENDS = ["dali", "torch"]
+LOADER_NAMES = ["dali", "torch"]
 SMALL = DataConfig(image_size=128)
 
 
@@ -32,18 +33,19 @@ def _collect(loader):
 def _labels_from_json(shards, split):
     labels = {}
     for tar in split_shards(shards, split):
-        for key, sample in iter_samples(tar):
+        for key, sample in walk_tar(tar):
             labels[key] = json.loads(sample["json"])["labels"]
     return labels
 
 
 @needs_real_data
-def test_backends_agree_and_match_opencv_reference(real_shards):
+def test_loaders_agree_and_match_opencv_reference(real_shards):
     cfg = DataConfig(image_size=512)
     device = os.environ.get("CXR_FAST_TEST_DEVICE", "cpu")  # tools/gpu_check.sh runs this with the GPU pipeline
-    dali, _ = _collect(create_loader("dali", real_shards, "val", cfg, batch_size=8, train=False, normalize=False,
-                                     device=device))
-    torch_, _ = _collect(create_loader("torch", real_shards, "val", cfg, batch_size=8, train=False, normalize=False))
+    dali, _ = _collect(create_loader(LoaderSpec(real_shards, "val", cfg, batch_size=8, train=False, normalize=False,
+                                                device=device, loader="dali")))
+    torch_, _ = _collect(create_loader(LoaderSpec(real_shards, "val", cfg, batch_size=8, train=False,
+                                                  normalize=False, loader="torch")))
     assert dali.keys() == torch_.keys() and len(dali) == load_manifest(real_shards)["splits"]["val"]["images"]
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
     from conftest import REAL_IMAGES
@@ -63,32 +65,35 @@ def test_backends_agree_and_match_opencv_reference(real_shards):
     assert np.mean(to_reference["dali"]) <= 3.0 and np.mean(to_reference["torch"]) <= 3.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
 @pytest.mark.parametrize("train", [False, True])
-def test_labels_stay_with_their_images(synth_shards, backend, train):
+def test_labels_stay_with_their_images(synth_shards, loader_name, train):
     expected = _labels_from_json(synth_shards, "val")
-    images, targets = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=5, train=train))
+    images, targets = _collect(create_loader(LoaderSpec(synth_shards, "val", SMALL, batch_size=5, train=train,
+                                                        loader=loader_name)))
     assert set(targets) == set(expected)
     for key, target in targets.items():
         np.testing.assert_array_equal(target, expected[key])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_batches_are_normalized_channels_last_float(synth_shards, backend):
-    batch = next(iter(create_loader(backend, synth_shards, "train", SMALL, batch_size=4, train=True)))
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
+def test_batches_are_normalized_channels_last_float(synth_shards, loader_name):
+    batch = next(iter(create_loader(LoaderSpec(synth_shards, "train", SMALL, batch_size=4, train=True,
+                                               loader=loader_name))))
     assert batch.images.shape == (4, 1, 128, 128) and batch.images.dtype == torch.float32
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     assert batch.targets.shape == (4, 14) and batch.targets.dtype == torch.float32
     assert -3 < batch.images.mean() < 3 and batch.images.std() > 0.3
-    three = next(iter(create_loader(backend, synth_shards, "train", DataConfig(image_size=64, in_chans=3),
-                                    batch_size=2, train=True)))
+    three = next(iter(create_loader(LoaderSpec(synth_shards, "train", DataConfig(image_size=64, in_chans=3),
+                                               batch_size=2, train=True, loader=loader_name))))
     assert three.images.shape == (2, 3, 64, 64) and three.images.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_same_seed_same_batches_other_seed_other_batches(synth_shards, backend):
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
+def test_same_seed_same_batches_other_seed_other_batches(synth_shards, loader_name):
     def first_batches(seed):
-        loader = create_loader(backend, synth_shards, "train", SMALL, batch_size=8, train=True, seed=seed)
+        loader = create_loader(LoaderSpec(synth_shards, "train", SMALL, batch_size=8, train=True, seed=seed,
+                                          loader=loader_name))
         batches = []
         for batch in loader:
             batches.append((batch.keys, batch.images.clone()))
@@ -102,11 +107,14 @@ def test_same_seed_same_batches_other_seed_other_batches(synth_shards, backend):
     assert a[0][0] != c[0][0] or not torch.equal(a[0][1], c[0][1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_augmentation_changes_images_but_not_eval(synth_shards, backend):
-    plain, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=False))
-    again, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=False))
-    augmented, _ = _collect(create_loader(backend, synth_shards, "val", SMALL, batch_size=8, train=True))
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
+def test_augmentation_changes_images_but_not_eval(synth_shards, loader_name):
+    plain, _ = _collect(create_loader(LoaderSpec(synth_shards, "val", SMALL, batch_size=8, train=False,
+                                                 loader=loader_name)))
+    again, _ = _collect(create_loader(LoaderSpec(synth_shards, "val", SMALL, batch_size=8, train=False,
+                                                 loader=loader_name)))
+    augmented, _ = _collect(create_loader(LoaderSpec(synth_shards, "val", SMALL, batch_size=8, train=True,
+                                                     loader=loader_name)))
     assert all(np.array_equal(plain[k], again[k]) for k in plain)
     changed = [np.abs(plain[k] - augmented[k]).mean() > 0.01 for k in plain]
     assert np.mean(changed) > 0.5
@@ -118,15 +126,16 @@ EXACTNESS_CASES = [("train", 5, 2, True), ("train", 8, 3, False), ("val", 4, 2, 
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
-@pytest.mark.parametrize("backend, workers", [("dali", 2), ("torch", 0), ("torch", 3)])
+@pytest.mark.parametrize("loader_name, workers", [("dali", 2), ("torch", 0), ("torch", 3)])
 @pytest.mark.parametrize("split, batch_size, ranks, train", EXACTNESS_CASES)
-def test_every_sample_exactly_once_and_len_is_exact(synth_shards, backend, workers, split, batch_size, ranks, train):
+def test_every_sample_exactly_once_and_len_is_exact(synth_shards, loader_name, workers, split, batch_size, ranks,
+                                                    train):
     expected = sorted(_labels_from_json(synth_shards, split))
     cfg = DataConfig(image_size=32, workers=workers)
     seen = []
     for rank in range(ranks):
-        loader = create_loader(backend, synth_shards, split, cfg, batch_size=batch_size, train=train, rank=rank,
-                               world_size=ranks)
+        loader = create_loader(LoaderSpec(synth_shards, split, cfg, batch_size=batch_size, train=train, rank=rank,
+                                          world_size=ranks, loader=loader_name))
         batches = [batch.keys for batch in loader]
         assert len(batches) == len(loader), f"rank {rank}: {len(batches)} batches, len() says {len(loader)}"
         assert all(len(keys) == batch_size for keys in batches[:-1]) and 0 < len(batches[-1]) <= batch_size
@@ -136,14 +145,14 @@ def test_every_sample_exactly_once_and_len_is_exact(synth_shards, backend, worke
     assert sorted(seen) == expected
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_damaged_shard_error_names_the_shard(synth_shards, tmp_path, backend):
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
+def test_damaged_shard_error_names_the_shard(synth_shards, tmp_path, loader_name):
     copy = tmp_path / "shards"
     shutil.copytree(synth_shards, copy)
     victim = copy / "val" / "shard-000000.tar"
     victim.write_bytes(victim.read_bytes()[:3000])  # truncated mid-sample
     with pytest.raises(CxrFastError, match="shard-000000"):
-        _collect(create_loader(backend, copy, "val", SMALL, batch_size=4, train=False))
+        _collect(create_loader(LoaderSpec(copy, "val", SMALL, batch_size=4, train=False, loader=loader_name)))
 
 
 def test_missing_dali_gives_an_install_hint(monkeypatch):
@@ -156,13 +165,14 @@ def test_missing_dali_gives_an_install_hint(monkeypatch):
 
 def test_missing_split_is_a_clear_error(synth_shards):
     with pytest.raises(CxrFastError, match="unknown split 'holdout'"):
-        create_loader("torch", synth_shards, "holdout", SMALL, batch_size=4, train=False)
+        create_loader(LoaderSpec(synth_shards, "holdout", SMALL, batch_size=4, train=False, loader="torch"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_preview_writes_processed_images(synth_shards, tmp_path, backend):
-    out = tmp_path / backend
-    result = CliRunner().invoke(cli, ["preview", "--shards", str(synth_shards), "--split", "val", "--loader", backend,
+@pytest.mark.parametrize("loader_name", LOADER_NAMES)
+def test_preview_writes_processed_images(synth_shards, tmp_path, loader_name):
+    out = tmp_path / loader_name
+    result = CliRunner().invoke(cli, ["preview", "--shards", str(synth_shards), "--split", "val", "--loader",
+                                      loader_name,
                                       "--n", "5", "--image-size", "128", "--out", str(out)])
     assert result.exit_code == 0, result.output
     images = sorted(out.glob("0*.png"))
@@ -172,7 +182,7 @@ def test_preview_writes_processed_images(synth_shards, tmp_path, backend):
 
 NONE = dict(affine_prob=0.0, hflip_prob=0.0, brightness_contrast_prob=0.0, noise_prob=0.0)
 # Each transform alone, with probability 1 and a fixed value; the DALI and OpenCV results must agree as closely as
-# the two backends agree without augmentation (plus `slack` gray levels), and the transform must show.
+# the two loaders agree without augmentation (plus `slack` gray levels), and the transform must show.
 AUGMENT_CASES = {
     "rotate_range": (dict(affine_prob=1.0, rotate_range=(12.0, 12.0), scale_range=(1.0, 1.0),
                           translate_range=(0.0, 0.0)), 1.5),
@@ -188,31 +198,32 @@ AUGMENT_CASES = {
 }
 
 
-def _augmented(backend, shards, augment):
+def _augmented(loader_name, shards, augment):
     from cxr_fast.config import AugmentConfig
 
-    cfg = DataConfig(image_size=96, augment=AugmentConfig(**augment), workers=0 if backend == "torch" else 2)
-    images, _ = _collect(create_loader(backend, shards, "val", cfg, batch_size=8, train=True, normalize=False))
+    cfg = DataConfig(image_size=96, augment=AugmentConfig(**augment), workers=0 if loader_name == "torch" else 2)
+    images, _ = _collect(create_loader(LoaderSpec(shards, "val", cfg, batch_size=8, train=True, normalize=False,
+                                                  loader=loader_name)))
     return {key: image[0].astype(float) for key, image in images.items()}
 
 
 @pytest.mark.parametrize("field", list(AUGMENT_CASES))
-def test_both_backends_apply_each_augmentation_alike(synth_shards, field):
+def test_both_loaders_apply_each_augmentation_alike(synth_shards, field):
     augment, slack = AUGMENT_CASES[field]
-    plain = {b: _augmented(b, synth_shards, NONE) for b in BACKENDS}
-    moved = {b: _augmented(b, synth_shards, NONE | augment) for b in BACKENDS}
+    plain = {b: _augmented(b, synth_shards, NONE) for b in LOADER_NAMES}
+    moved = {b: _augmented(b, synth_shards, NONE | augment) for b in LOADER_NAMES}
     keys = sorted(plain["dali"])
     baseline = np.mean([np.abs(plain["dali"][k] - plain["torch"][k]).mean() for k in keys])
     between = np.mean([np.abs(moved["dali"][k] - moved["torch"][k]).mean() for k in keys])
     effect = np.mean([np.abs(moved["torch"][k] - plain["torch"][k]).mean() for k in keys])
-    assert between <= baseline + slack, f"{field}: backends differ by {between:.2f} (without it {baseline:.2f})"
+    assert between <= baseline + slack, f"{field}: loaders differ by {between:.2f} (without it {baseline:.2f})"
     assert effect > 3 * (between - baseline + 0.5), f"{field}: the transform barely shows ({effect:.2f})"
 
 
-def test_both_backends_add_the_same_noise(synth_shards):
+def test_both_loaders_add_the_same_noise(synth_shards):
     augment = NONE | dict(noise_prob=1.0, noise_std=6.0)
-    for backend in BACKENDS:
-        plain, noisy = _augmented(backend, synth_shards, NONE), _augmented(backend, synth_shards, augment)
+    for loader_name in LOADER_NAMES:
+        plain, noisy = _augmented(loader_name, synth_shards, NONE), _augmented(loader_name, synth_shards, augment)
         # Away from black and white, where clipping would shrink it, the added noise has the configured sigma.
         residual = np.concatenate([(noisy[k] - plain[k])[(plain[k] > 20) & (plain[k] < 235)] for k in plain])
-        assert abs(residual.std() - 6.0) < 0.5 and abs(residual.mean()) < 0.3, backend
+        assert abs(residual.std() - 6.0) < 0.5 and abs(residual.mean()) < 0.3, loader_name

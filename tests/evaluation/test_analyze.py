@@ -14,7 +14,7 @@ from cxr_fast.evaluation.analyze import ErrorCollector, run_analysis
 from cxr_fast.evaluation.cam import CamExplainer, cam_box, iobb, pointing_hit
 from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr_fast.cli import cli
-from cxr_fast.config import ModelConfig
+from cxr_fast.config import AnalyzeConfig, ModelConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.metrics import per_class_report
 from cxr_fast.training.model import create_model
@@ -48,16 +48,17 @@ def test_thresholds_come_from_validation_not_from_the_reported_split(tiny_run, s
     planted = np.linspace(0.05, 0.6, 14)
     checkpoint["thresholds"] = planted.tolist()
     save_checkpoint(checkpoint, tmp_path / "planted.pt")
-    metrics = run_analysis(tmp_path / "planted.pt", synth_shards, tmp_path / "out", top_k=0, n_boot=0)
+    metrics = run_analysis(tmp_path / "planted.pt", synth_shards, tmp_path / "out", AnalyzeConfig(top_k=0, bootstrap=0))
     predictions = pd.read_csv(tmp_path / "out/predictions.csv")
     for c, name in enumerate(C.CLASS_NAMES):
         assert metrics["classes"][name]["threshold"] == pytest.approx(planted[c])
     # F1 at the planted thresholds, recomputed with scikit-learn from predictions.csv and the shard labels.
-    from cxr_fast.data.reader import iter_samples, split_shards
+    from cxr_fast.data.reader import split_shards
+    from cxr_fast.data.tario import walk_tar
 
     labels = {}
     for tar in split_shards(synth_shards, "test"):
-        for key, sample in iter_samples(tar):
+        for key, sample in walk_tar(tar):
             labels[json.loads(sample["json"])["image_index"]] = json.loads(sample["json"])["labels"]
     y = np.array([labels[i] for i in predictions["image_index"]])
     for c, name in enumerate(C.CLASS_NAMES):
@@ -131,21 +132,22 @@ def test_bad_inputs_give_clear_messages(tiny_run, synth_shards, tmp_path):
 
 def test_gradcam_inputs_are_the_images_the_model_scored(tiny_run, synth_shards):
     """The collector keeps, from the one scoring pass, the very inputs: scoring them again gives the same numbers."""
-    from cxr_fast.data.loader import create_loader
-    from cxr_fast.evaluation.analyze import _model_input
+    from cxr_fast.data.loader import LoaderSpec, create_loader
+    from cxr_fast.evaluation.analyze import model_input
     from cxr_fast.training.checkpoint import load_model
     from cxr_fast.training.engine import evaluate
     from cxr_fast.training.losses import FocalLoss
 
     model, info = load_model(tiny_run / "checkpoints/best.pt")
     collector = ErrorCollector(info.thresholds, top_k=2, box_keys=set())
-    loader = create_loader("torch", synth_shards, "test", info.config.data, batch_size=8, train=False)
-    result = evaluate(model, loader, FocalLoss(), torch.device("cpu"), None, show_progress=False, on_batch=collector)
+    loader = create_loader(LoaderSpec(synth_shards, "test", info.config.data, batch_size=8, train=False,
+                                      loader="torch"))
+    result = evaluate(model, loader, FocalLoss(), None, show_progress=False, on_batch=collector)
     errors = collector.errors()
     chosen = {key for per_class in errors.values() for rows in per_class.values() for key, _ in rows}
     assert chosen and set(collector.images) == chosen
     row = {key: i for i, key in enumerate(result["keys"])}
     with torch.no_grad():
         for key in chosen:
-            again = torch.sigmoid(model(_model_input(collector.images[key], info.config, torch.device("cpu"))))
+            again = torch.sigmoid(model(model_input(collector.images[key], info.config.data, torch.device("cpu"))))
             np.testing.assert_allclose(again[0].numpy(), result["probs"][row[key]], atol=1e-5)

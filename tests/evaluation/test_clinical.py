@@ -16,7 +16,9 @@ from conftest import REAL_TABLE
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration, expected_calibration_error, fit_calibration, fit_platt, logit
 from cxr_fast.data.labels import age_band, read_label_table
-from cxr_fast.data.reader import iter_samples, load_manifest, split_shards
+from cxr_fast.data.reader import load_manifest, split_shards
+from cxr_fast.data.tario import walk_tar
+from cxr_fast.config import AnalyzeConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import run_analysis
 from cxr_fast.metrics import confusion_stats
@@ -25,7 +27,7 @@ from cxr_fast.metrics import confusion_stats
 def _samples(shards, split):
     rows = {}
     for tar in split_shards(shards, split):
-        for _key, sample in iter_samples(tar):
+        for _key, sample in walk_tar(tar):
             meta = json.loads(sample["json"])
             rows[meta["image_index"]] = meta
     return rows
@@ -100,7 +102,8 @@ def _truth(shards, split, image_index):
 @pytest.mark.parametrize("which", ["synthetic", "real"])
 def test_analysis_numbers_recomputed_independently(which, tiny_run, synth_shards, tmp_path, request):
     shards = synth_shards if which == "synthetic" else request.getfixturevalue("real_shards")
-    metrics = run_analysis(tiny_run / "checkpoints/best.pt", shards, tmp_path / "a", top_k=0, n_boot=20)
+    metrics = run_analysis(tiny_run / "checkpoints/best.pt", shards, tmp_path / "a", AnalyzeConfig(top_k=0,
+                                                                                                   bootstrap=20))
     predictions = pd.read_csv(tmp_path / "a/predictions.csv")
     y, people = _truth(shards, "test", predictions["image_index"])
     probs = predictions[[f"prob_{c}" for c in C.CLASS_NAMES]].to_numpy()

@@ -104,7 +104,7 @@ def test_bad_inputs_get_a_line_and_the_rest_is_scored(tiny_run, synth_dir, tmp_p
 def test_a_missing_decoder_is_named():
     from pydicom.uid import JPEG2000
 
-    from cxr_fast.data.codec import BadInput
+    from cxr_fast.errors import BadInput
     from cxr_fast.data.dicom import _pixels
 
     class Compressed:
@@ -144,8 +144,9 @@ def test_cam_overlays_for_positive_findings(tiny_run, synth_dir, tmp_path):
 
 
 def test_shard_accepts_a_folder_of_dicom_files(synth_dir, tmp_path):
-    from cxr_fast.data.reader import iter_samples, load_manifest, split_shards
-    from cxr_fast.data.codec import decode_image
+    from cxr_fast.data.reader import load_manifest, split_shards
+    from cxr_fast.data.tario import walk_tar
+    from cxr_fast.data.sample import decode_image
 
     table = pd.read_csv(synth_dir / "Data_Entry_2017.csv").head(30)
     folder = tmp_path / "dicom"
@@ -166,7 +167,7 @@ def test_shard_accepts_a_folder_of_dicom_files(synth_dir, tmp_path):
     seen = {}
     for split in C.SPLITS:
         for tar in split_shards(out, split):
-            for key, sample in iter_samples(tar):
+            for key, sample in walk_tar(tar):
                 seen[key] = decode_image(sample)
     assert sorted(seen) == sorted(sources) and load_manifest(out)["skipped"] == []
     assert all(np.array_equal(seen[k], sources[k]) for k in seen)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
-from cxr_fast.training.checkpoint import (FORMAT_VERSION, load_checkpoint, load_model, restore_rng_states,
+from cxr_fast.training.checkpoint import (CHECKPOINT_FORMAT_VERSION, load_checkpoint, load_model, restore_rng_states,
                                           rng_states, save_checkpoint)
 
 
@@ -57,7 +57,7 @@ def test_a_planted_pickle_is_refused_by_every_reader_and_never_runs(tiny_run, sy
 
 def test_a_real_checkpoint_is_plain_data(tiny_run):
     payload = torch.load(tiny_run / "checkpoints/best.pt", weights_only=True)  # no allow-list needed
-    assert payload["format_version"] == FORMAT_VERSION and len(payload["checksum"]) == 64
+    assert payload["format_version"] == CHECKPOINT_FORMAT_VERSION and len(payload["checksum"]) == 64
     model, info = load_model(tiny_run / "checkpoints/best.pt")
     assert not model.training and info.classes == list(C.CLASS_NAMES) and info.thresholds.shape == (14,)
     assert info.config.model.name == "convnext_atto" and info.weights == "model"

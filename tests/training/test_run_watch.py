@@ -76,12 +76,12 @@ def test_resume_extends_epochs_and_refuses_other_changes(synth_shards, tmp_path,
     run = tmp_path / "run"
     run_training(tiny(**{"optim.epochs": 1}), synth_shards, run, show_progress=False)
     with pytest.raises(CxrFastError, match=r"--lr 0.5 differs from its 0.001"):
-        run_training(RunConfig(), synth_shards, run, resume=True, changes={"optim.lr": 0.5})
+        run_training(RunConfig(), synth_shards, run, resume={"optim.lr": 0.5})
     result = CliRunner().invoke(cli, ["train", "--shards", str(synth_shards), "--out", str(run), "--resume",
                                       "--batch-size", "8"])
     assert result.exit_code == 2 and "--batch-size 8 differs from its 4" in result.output
     caplog.set_level("WARNING")
-    record = run_training(RunConfig(), synth_shards, run, resume=True, changes={"optim.epochs": 2},
+    record = run_training(RunConfig(), synth_shards, run, resume={"optim.epochs": 2},
                           show_progress=False)
     assert record["epoch"] == 2 and [r["epoch"] for r in _records(run)] == [1, 2]
     assert "re-planned over 2 epochs" in caplog.text
@@ -101,15 +101,16 @@ def test_batch_size_auto_keeps_the_effective_batch():
 
 def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
     """Counts the engine's transfers to the host during an epoch: one per optimizer step."""
-    from cxr_fast.data.loader import create_loader
+    from cxr_fast.data.loader import LoaderSpec, create_loader
     from cxr_fast.training import engine
     from cxr_fast.training.run import Env, Plan, build_model, build_state
 
     cfg = tiny()
     env = Env(0, 1, torch.device("cpu"))
     model, ema = build_model(cfg, env, None)
-    state = build_state(cfg, Plan(56, 3, 6), env, model, ema)
-    batches = list(create_loader("torch", synth_shards, "train", cfg.data, batch_size=4, train=True))[:6]
+    state = build_state(cfg, Plan(56, 3, 6), env, model, ema, torch.nn.BCEWithLogitsLoss())
+    batches = list(create_loader(LoaderSpec(synth_shards, "train", cfg.data, batch_size=4, train=True,
+                                            loader="torch")))[:6]
     calls = []
 
     def counting(method):
@@ -123,8 +124,7 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
 
     for method in ("item", "tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, method, counting(method))
-    stats = engine.train_one_epoch(state, batches, torch.nn.BCEWithLogitsLoss(), env.device, 6, lambda step: False,
-                                   show_progress=False)
+    stats = engine.train_one_epoch(state, batches, 6, lambda step: False, show_progress=False)
     assert len(calls) == 3 and state.step == 3 and not stats.stopped
 
 

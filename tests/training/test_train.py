@@ -132,7 +132,7 @@ def test_convnext_large_has_the_exact_head_and_runs_at_512():
 @pytest.mark.slow
 def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards, tmp_path):
     from cxr_fast.training.engine import evaluate
-    from cxr_fast.data.loader import create_loader
+    from cxr_fast.data.loader import LoaderSpec, create_loader
     from cxr_fast.training.losses import FocalLoss
     from cxr_fast.metrics import macro_auc
 
@@ -149,7 +149,7 @@ def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards,
     cfg = tiny()
     model = create_model(cfg.model, 1)
     model.load_state_dict(checkpoint["model"])
-    loader = create_loader(cfg.loader, synth_shards, "val", cfg.data, batch_size=8, train=False)
-    single = evaluate(model, loader, FocalLoss(0.0), torch.device("cpu"), None, show_progress=False)
+    loader = create_loader(LoaderSpec(synth_shards, "val", cfg.data, batch_size=8, train=False, loader=cfg.loader))
+    single = evaluate(model, loader, FocalLoss(0.0), None, show_progress=False)
     assert record["val_images"] == len(single["keys"])  # every validation image once, across the two ranks
     assert record["val_macro_auc"] == pytest.approx(macro_auc(single["targets"], single["probs"])[0], abs=1e-6)

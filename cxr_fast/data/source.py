@@ -1,27 +1,40 @@
-"""Image and key codecs of a shard sample: source images to 8-bit gray, the stored encodings (png, jpg, raw) and back,
-and the fixed-size key component that lets DALI batches carry image names."""
+"""Reading a source image (PNG, JPEG or DICOM) as the pipeline's 8-bit gray image, with the size limit checked
+before decoding, and the one image finder that `shard` and `predict` share."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-IMAGE_EXT = {"png": "png", "jpeg": "jpg", "raw": "raw"}  # --encoding -> the sample's image component
+from cxr_fast.data.dicom import looks_like_dicom, read_dicom
+from cxr_fast.errors import BadInput, CxrFastError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-ID_BYTES = 64
 
 
-class BadInput(Exception):
-    """An input image that cannot be sharded; carries the file and the reason."""
+def is_image_file(path: Path) -> bool:
+    """PNG, JPEG or DICOM by suffix, or a file without a suffix that carries the DICOM marker."""
+    return path.name.lower().endswith(IMAGE_SUFFIXES) or ("." not in path.name and looks_like_dicom(path))
 
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
 
-    def __reduce__(self):  # exceptions cross the process pool by pickle; the default would lose `reason`
-        return BadInput, (self.path, self.reason)
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files below `folder`, recursively, in a stable order; an unreadable folder is an error."""
+    if not folder.is_dir():
+        raise CxrFastError(f"image folder not found: {folder}")
+
+    def unreadable(error: OSError) -> None:
+        raise CxrFastError(f"cannot read folder {error.filename}: {error.strerror}")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if is_image_file(path):
+                yield path
 
 
 def to_gray8(image: np.ndarray, path: Path | str = "") -> np.ndarray:
@@ -70,8 +83,6 @@ def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, by
 
     The header's size is checked against `max_pixels` before anything is decoded (a decompression bomb is a
     small file that claims an enormous image)."""
-    from cxr_fast.data.dicom import looks_like_dicom, read_dicom
-
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -92,40 +103,3 @@ def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, by
                              f"{max_pixels}")
     is_gray_png = data[:8] == b"\x89PNG\r\n\x1a\n" and image.dtype == np.uint8 and image.ndim == 2
     return to_gray8(image, path), data, is_gray_png
-
-
-def encode_image(gray: np.ndarray, encoding: str, jpeg_quality: int = 95) -> dict[str, bytes]:
-    """The image component(s) of a sample."""
-    if encoding == "png":
-        ok, buf = cv2.imencode(".png", gray, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-        return {"png": buf.tobytes()}
-    if encoding == "jpeg":
-        ok, buf = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        return {"jpg": buf.tobytes()}
-    shape = np.array([gray.shape[0], gray.shape[1], 1], dtype=np.int32)
-    return {"raw": np.ascontiguousarray(gray).tobytes(), "shape": shape.tobytes()}
-
-
-def decode_image(sample: dict) -> np.ndarray:
-    """The gray uint8 image of a sample as read back from a shard (dict of extension -> bytes)."""
-    if "raw" in sample:
-        height, width, _ = np.frombuffer(sample["shape"], np.int32)
-        return np.frombuffer(sample["raw"], np.uint8).reshape(height, width)
-    payload = sample.get("png") or sample.get("jpg")
-    if payload is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image component")
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"sample {sample.get('__key__')}: image does not decode")
-    return image
-
-
-def encode_id(key: str) -> bytes:
-    raw = key.encode("ascii")
-    if len(raw) > ID_BYTES:
-        raise ValueError(f"key {key!r} is longer than {ID_BYTES} bytes")
-    return raw.ljust(ID_BYTES, b"\0")
-
-
-def decode_id(raw: np.ndarray | bytes) -> str:
-    return bytes(raw).rstrip(b"\0").decode("ascii")

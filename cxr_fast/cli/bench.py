@@ -1,0 +1,57 @@
+"""The bench command group: loader, train (and the recipe projection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cxr_fast.bench.loader import bench_loader
+from cxr_fast.bench.machine import write_json
+from cxr_fast.bench.train import bench_train
+from cxr_fast.cli.options import build_config, config_file_option, config_options
+from cxr_fast.config import BenchLoaderConfig, BenchTrainConfig
+
+SHARDS = click.Path(exists=True, file_okay=False, path_type=Path)
+JSON_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.group()
+def bench() -> None:
+    """Throughput of the loaders and the trainer (JSON with the machine and settings; see benchmarks/)."""
+
+
+def report(result: dict, json_path: Path | None) -> None:
+    write_json(result, json_path)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "machine"}
+    click.echo(json_path and f"{shown} -> {json_path}" or shown)
+
+
+@bench.command("loader")
+@click.option("--shards", type=SHARDS, required=True)
+@config_options(BenchLoaderConfig, "split", "loader", "dali_cpu", "batch_size", "batches", "warmup", "image_size",
+                "workers", "augment", "decode")
+@config_file_option(BenchLoaderConfig)
+@click.option("--json", "json_path", type=JSON_FILE)
+def bench_loader_command(shards, json_path, **settings) -> None:
+    """Steady-state images/s and CPU core-ms per image of one loader doing decode → resize → CLAHE → augment →
+    normalised channels-last batches."""
+    report(bench_loader(shards, build_config(BenchLoaderConfig, settings)), json_path)
+
+
+@bench.command("train")
+@click.option("--shards", type=SHARDS, help="Needed with --data auto, dali or torch.")
+@config_options(BenchTrainConfig, "model", "image_size", "batch_size", "steps", "warmup", "amp", "channels_last",
+                "compile", "in_chans", "data", "workers", "peak_tflops")
+@config_file_option(BenchTrainConfig)
+@click.option("--json", "json_path", type=JSON_FILE)
+def bench_train_command(shards, json_path, **settings) -> None:
+    """Training images/s, data-wait share and MFU of the trainer's own loop (FLOPs counted with the
+    grouped-convolution backward right)."""
+    config = build_config(BenchTrainConfig, settings)
+    if config.data != "synthetic" and shards is None:
+        raise click.UsageError("--data with a loader needs --shards")
+    report(bench_train(shards, config), json_path)
+
+
+COMMANDS = (bench,)

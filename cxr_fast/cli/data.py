@@ -1,0 +1,100 @@
+"""The data commands: synth, shard, verify, eda, preview."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
+from cxr_fast.config import DataConfig, PreviewConfig, RunConfig, ShardConfig, SynthConfig
+from cxr_fast.data.eda import write_eda_report
+from cxr_fast.data.labels import read_label_table
+from cxr_fast.data.preview import write_preview
+from cxr_fast.data.synth import write_synthetic_dataset
+from cxr_fast.data.verify import verify
+from cxr_fast.data.writer import write_shards
+
+EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@config_options(SynthConfig, "n_images", "source_size", "seed", "workers")
+@config_file_option(SynthConfig)
+def synth(out: Path, **settings) -> None:
+    """Write a synthetic data set in the NIH layout (PNGs, Data_Entry_2017.csv, split lists).
+
+    Each finding draws a pattern of its own, so a small CNN can learn it: the demo and the tests use this.
+    """
+    table = write_synthetic_dataset(out, build_config(SynthConfig, settings))
+    click.echo(f"labels: {table}\nimages: {table.parent}")
+
+
+@click.command()
+@click.option("--images", type=EXISTING_FOLDER, required=True,
+              help="Folder searched recursively for the images (NIH: images_001/images/...).")
+@click.option("--labels", type=EXISTING_FILE, required=True, help="Data_Entry_2017.csv (or .csv.gz).")
+@config_option(ShardConfig, "out", type=click.Path(file_okay=False))
+@click.option("--test-list", type=EXISTING_FILE,
+              help="Official test_list.txt (default: the one beside --labels, if any).")
+@click.option("--train-val-list", type=EXISTING_FILE,
+              help="Official train_val_list.txt (default: the one beside --labels, if any).")
+@config_options(ShardConfig, "val_fraction", "test_fraction", "shard_size", "encoding", "jpeg_quality", "resize",
+                "seed", "on_error", "max_pixels", "workers")
+@click.option("--overwrite", is_flag=True, help="Replace a complete shard set in --out made with other settings.")
+@config_file_option(ShardConfig)
+def shard(images, labels, test_list, train_val_list, overwrite, **settings) -> None:
+    """Pack images into WebDataset shards with a patient-level split, DALI indexes and manifest.json.
+
+    Re-running the same command skips shards that are already complete and correct.
+    """
+    config = build_config(ShardConfig, settings)
+    manifest = write_shards(images, labels, config, (test_list, train_val_list), overwrite)
+    counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
+                       for name, s in manifest["splits"].items())
+    click.echo(f"{config.out}: {counts}; {len(manifest['skipped'])} skipped; "
+               f"{manifest['rows_without_image']} table rows had no image")
+
+
+@click.command("verify")
+@click.argument("shards_dir", type=EXISTING_FOLDER)
+@click.option("--deep", is_flag=True, help="Also decode every sample and check its labels.")
+def verify_command(shards_dir: Path, deep: bool) -> None:
+    """Check every shard against manifest.json (sha256, DALI index; --deep: every sample)."""
+    problems = verify(shards_dir, deep=deep)
+    for problem in problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{shards_dir}: all shards match the manifest")
+
+
+@click.command()
+@click.option("--labels", type=EXISTING_FILE, required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def eda(labels: Path, out: Path) -> None:
+    """Exploratory report of a label table: prevalence, co-occurrence, demographics."""
+    path = write_eda_report(read_label_table(labels), out, str(labels))
+    click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.option("--shards", type=EXISTING_FOLDER, required=True)
+@config_options(PreviewConfig, "split", "loader", "augment", "n")
+@config_file_option(PreviewConfig)
+@config_options(RunConfig, "data.image_size", "seed")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def preview(shards, image_size, seed, out, **settings) -> None:
+    """Write processed images (after CLAHE and augmentation, before normalisation) as OUT/<image_index>.
+
+    With augmentation a contact sheet is written too. Compare --loader dali with --loader torch --no-augment.
+    """
+    paths = write_preview(shards, DataConfig(image_size=image_size), build_config(PreviewConfig, settings), out,
+                          seed)
+    click.echo(f"wrote {len(paths)} file(s) to {out}")
+
+
+COMMANDS = (synth, shard, verify_command, eda, preview)

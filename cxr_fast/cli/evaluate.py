@@ -1,0 +1,74 @@
+"""The evaluation commands: analyze, predict, export."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
+from cxr_fast.config import AnalyzeConfig, PredictConfig
+from cxr_fast.evaluation.analyze import run_analysis
+from cxr_fast.evaluation.export import export_onnx
+from cxr_fast.evaluation.predict import predict, write_summary
+
+OUT_FOLDER = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt or last.pt of a run (holds the validation thresholds).")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@config_option(AnalyzeConfig, "split")
+@click.option("--out", type=OUT_FOLDER, required=True)
+@config_options(AnalyzeConfig, "device", "loader", "top_k")
+@config_option(AnalyzeConfig, "bbox", type=click.Path(exists=True, dir_okay=False))
+@config_options(AnalyzeConfig, "batch_size", "bootstrap")
+@config_file_option(AnalyzeConfig)
+def analyze(checkpoint, shards, out, **settings) -> None:
+    """Per-class metrics at validation thresholds, ROC/PR curves, Grad-CAM++ of the worst errors, report.md.
+
+    Writes OUT/report.md, predictions.csv, metrics.json, curves/ and visualizations/{fp,fn}/.
+    """
+    config = build_config(AnalyzeConfig, settings)
+    metrics = run_analysis(checkpoint, shards, out, config)
+    click.echo(f"{config.split}: macro AUROC {metrics['macro']['auroc']:.4f}; report {out / 'report.md'}")
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt of a run, or model.onnx written by `cxr-fast export` (with its model.json).")
+@click.option("--out", type=OUT_FOLDER, required=True, help="Folder for predictions.csv (and cam/).")
+@config_options(PredictConfig, "device", "batch_size", "workers")
+@config_option(PredictConfig, "cam", "--cam", is_flag=True)
+@config_option(PredictConfig, "max_pixels")
+@config_file_option(PredictConfig)
+def predict_command(inputs, checkpoint, out, **settings) -> None:
+    """Score new images: PNG, JPEG or DICOM files, or folders of them (searched recursively).
+
+    Writes OUT/predictions.csv: image, prob_<Class> (the model's output), calibrated_<Class> (where the checkpoint
+    carries a calibration), findings (the classes at or above the validation thresholds, or No Finding) and error.
+    Exits with code 1 when some input could not be scored (its row says why); the others are still scored.
+    """
+    table = predict(checkpoint, list(inputs), out, build_config(PredictConfig, settings))
+    click.echo(f"{write_summary(table)}; predictions in {out / 'predictions.csv'}")
+    if table["error"].astype(bool).any():
+        sys.exit(1)
+
+
+@click.command("export")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="best.pt of a run.")
+@click.option("--out", type=OUT_FOLDER, required=True, help="Folder for model.onnx and model.json.")
+def export_command(checkpoint, out) -> None:
+    """Export a checkpoint to ONNX (input: normalised N x C x H x W float, output: the class logits, any batch size),
+    with model.json beside it (classes, thresholds, calibration, preprocessing). The export checks that ONNX Runtime
+    and PyTorch agree within 1e-3 before it reports success."""
+    meta = export_onnx(checkpoint, out)
+    click.echo(f"{out / 'model.onnx'}: probabilities within {meta['parity_max_abs_difference']:.1e} of PyTorch; "
+               f"score with `cxr-fast predict --checkpoint {out / 'model.onnx'} --out DIR IMAGES`")
+
+
+COMMANDS = (analyze, predict_command, export_command)

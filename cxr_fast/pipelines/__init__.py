@@ -1,0 +1,1 @@
+"""End-to-end pipelines that chain the stages: the demo."""

@@ -1,0 +1,171 @@
+"""How a setting is declared and checked: `setting()` (a config field with its help, flag and rule), the `Checked`
+base that validates every field when a config is built, and conversions to and from plain dicts. The settings
+themselves, with their defaults, live in `config.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import field, fields, is_dataclass
+from typing import Any, ClassVar
+
+from cxr_fast.errors import CxrFastError
+
+
+class ConfigError(CxrFastError):
+    """A setting of the wrong type or out of its range; the message names the field, `flag` its option (if any)."""
+
+    flag: str | None = None
+
+
+def setting(default: Any, help: str = "", *, flag: str | None = None, choices: tuple | None = None, **bounds: float):
+    """A config field with its help text and rule: choices, or a range (bounds ge/gt below, le/lt above)."""
+    unknown = set(bounds) - {"ge", "gt", "le", "lt"}
+    if unknown:
+        raise TypeError(f"setting() bounds are ge, gt, le, lt; got {', '.join(sorted(unknown))}")
+    rule = {"help": help, "flag": flag, "choices": choices, "ge": None, "gt": None, "le": None, "lt": None} | bounds
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=rule)
+    return field(default=default, metadata=rule)
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """`value` as the field's type (from its annotation text), or a ConfigError."""
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must be set (a {base})")
+    if base == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if base == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return value
+    if base == "bool":
+        if optional and value == "auto":  # an optional switch: None is auto
+            return None
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if base == "int | str":  # a count or "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    if base == "tuple[float, float]":
+        pair = list(value) if isinstance(value, (list, tuple)) else None
+        if pair is None or len(pair) != 2:
+            raise ConfigError(f"{name} must be a pair [low, high], got {value!r}")
+        low, high = (_coerce(name, "float", v) for v in pair)
+        if low > high:
+            raise ConfigError(f"{name} must be [low, high] with low <= high, got {value!r}")
+        return low, high
+    return value  # a nested config: checked by its own class
+
+
+def _check_rule(name: str, value: Any, rule: dict) -> None:
+    if value is None:
+        return
+    if rule["choices"] is not None and value not in rule["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, rule['choices']))}, got {value!r}")
+    tests = {"ge": (">=", lambda a, b: a >= b), "gt": (">", lambda a, b: a > b), "le": ("<=", lambda a, b: a <= b),
+             "lt": ("<", lambda a, b: a < b)}
+    for key, (text, passes) in tests.items():
+        bound = rule[key]
+        if bound is not None and not all(passes(item, bound) for item in (value if isinstance(value, tuple)
+                                                                           else (value,))):
+            raise ConfigError(f"{name} must be {text} {bound}, got {value!r}")
+
+
+class Checked:
+    """Checks and normalises every field when the config is built (frozen: fields are set via object.__setattr__).
+
+    SECTION names the class in messages; RENAMED maps a key of an older version to (new key, conversion)."""
+
+    SECTION: ClassVar[str] = ""
+    RENAMED: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        for f in fields(self):
+            name = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            if f.metadata.get("flag"):
+                name += f" ({f.metadata['flag']})"
+            try:
+                value = _coerce(name, str(f.type), getattr(self, f.name))
+                if f.metadata:
+                    _check_rule(name, value, f.metadata)
+            except ConfigError as error:
+                error.flag = f.metadata.get("flag")
+                raise
+            object.__setattr__(self, f.name, value)
+
+
+def describe(cls: type, path: str) -> tuple[Any, dataclasses.Field]:
+    """(default, field) of a dotted path below `cls`, e.g. describe(RunConfig, "optim.lr")."""
+    head, _, rest = path.partition(".")
+    found = {f.name: f for f in fields(cls)}[head]
+    default = getattr(cls(), head)
+    return describe(type(default), rest) if rest else (default, found)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain nested dict (tuples as lists), for YAML and checkpoints."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict; missing fields keep their defaults, unknown keys are an error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    for old, (new, convert) in getattr(cls, "RENAMED", {}).items():
+        if old in values and new not in values:
+            values = {k: v for k, v in values.items() if k != old} | {new: convert(values[old])}
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        kwargs[name] = from_dict(type(default), value, f"{where}.{name}") if is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that accepts dotted paths: replace(config, **{"optim.lr": 1e-3})."""
+    nested: dict[str, dict] = {}
+    direct = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[key] = value
+    for head, sub in nested.items():
+        direct[head] = replace(getattr(config, head), **sub)
+    return dataclasses.replace(config, **direct)
