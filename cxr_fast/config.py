@@ -28,6 +28,7 @@ LOADER_HELP = ("auto: DALI on a GPU, the OpenCV/torch DataLoader on CPU-only mac
                "benchmarks/RESULTS.md); or dali, torch.")
 LOADER_CHOICES = ("auto", "dali", "torch")
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,12 @@ class ModelConfig(Checked):
     weights: str | None = setting(None, "A local ImageNet checkpoint instead of the timm hub.", flag="--weights")
     drop_rate: float = setting(0.2, "Dropout before the final Linear.", ge=0, lt=1)
     channels_last: bool = setting(True, "Channels-last memory format (tensor cores).")
-    compile: bool = setting(False, "torch.compile the model.", flag="--compile")
+    compile: bool | None = setting(None, "torch.compile the model; auto (unset): on CUDA, eager on the CPU.",
+                                   flag="--compile")
+    compile_mode: str = setting("default", "torch.compile mode (reduce-overhead: CUDA graphs, for small "
+                                "micro-batches).", flag="--compile-mode", choices=COMPILE_MODES)
+    compile_cache: str | None = setting(None, "Inductor's cache folder, kept between runs (default: "
+                                        "~/.cache/cxr_fast/inductor).", flag="--compile-cache")
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,10 @@ class OptimConfig(Checked):
     class_weighting: str = setting("inverse_frequency", "Per-class loss weights.",
                                    choices=("inverse_frequency", "none"))
     ema_decay: float = setting(0.0, "EMA decay of the weights (0: off).", flag="--ema", ge=0, lt=1)
+    progressive: int | None = setting(None, "Progressive resolution: the training side ramps from this to "
+                                      "--image-size in multiples of 32 (off when unset).", flag="--progressive",
+                                      ge=32, le=4096)
+    progressive_final_epochs: int = setting(3, "Epochs at the full side at the end of a progressive run.", ge=1)
 
 
     def __post_init__(self):
@@ -188,6 +198,15 @@ class RunConfig(Checked):
     tensorboard: bool = setting(False, "Also write TensorBoard scalars to OUT/tensorboard/.", flag="--tensorboard")
     cudnn_benchmark: bool = setting(True, "On CUDA, let cuDNN time its kernels once per input shape and keep the "
                                     "fastest.", flag="--cudnn-benchmark")
+    val_every: int = setting(1, "Validate every N epochs, and in each of the last N (best.pt is chosen among "
+                             "validated epochs).", flag="--val-every", ge=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        start = self.optim.progressive
+        if start is not None and start >= self.data.image_size:
+            raise ConfigError(f"optim.progressive (--progressive) {start} must be below --image-size "
+                              f"{self.data.image_size}")
 
 
 @dataclass(frozen=True)
@@ -258,12 +277,16 @@ class BenchTrainConfig(Checked):
     model: str = setting("convnext_large", "Any timm model name.", flag="--model")
     image_size: int = setting(constants.IMAGE_SIZE, "Input side in pixels.", flag="--image-size", ge=32, le=4096)
     batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
+    accum: int = setting(1, "Micro-batches per optimizer step.", flag="--accum", ge=1)
     steps: int = setting(20, "Measured optimizer steps, after --warmup.", flag="--steps", ge=1)
     warmup: int = setting(3, "Optimizer steps before timing starts (autotuning, compilation).", flag="--warmup",
                           ge=0)
     amp: str = setting("auto", "Mixed precision (as for train).", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = setting(True, "Channels-last memory format.", flag="--channels-last")
-    compile: bool = setting(False, "torch.compile the model.", flag="--compile")
+    compile: bool | None = setting(None, "torch.compile the model; auto (unset): on CUDA.", flag="--compile")
+    compile_mode: str = setting("default", "torch.compile mode.", flag="--compile-mode", choices=COMPILE_MODES)
+    cudnn_benchmark: bool = setting(True, "cuDNN autotuning (compare on and off in separate processes: its plan "
+                                    "cache ignores the flag).", flag="--cudnn-benchmark")
     in_chans: int = setting(1, "Input channels.", flag="--in-chans", choices=(1, 3))
     data: str = setting("synthetic", "synthetic: on-device tensors (the compute ceiling); a loader name: that "
                         "loader on --shards.", flag="--data", choices=("synthetic", *LOADER_CHOICES))
@@ -271,6 +294,47 @@ class BenchTrainConfig(Checked):
                                   ge=0, le=1024)
     peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
                                         gt=0)
+
+
+@dataclass(frozen=True)
+class BenchRecipeConfig(Checked):
+    """`cxr-fast bench recipe`: the recipe whose wall time is projected, and how long each side is measured."""
+
+    SECTION: ClassVar[str] = "bench.recipe"
+    model: str = setting("convnext_large", "Any timm model name.", flag="--model")
+    image_size: int = setting(constants.IMAGE_SIZE, "Full input side.", flag="--image-size", ge=32, le=4096)
+    progressive: int | None = setting(256, "First side of the progressive schedule (0: fixed at --image-size).",
+                                      flag="--progressive", ge=0, le=4096)
+    progressive_final_epochs: int = setting(3, "Epochs at the full side at the end.", flag="--final-epochs", ge=1)
+    epochs: int = setting(25, "Epochs of the recipe.", flag="--epochs", ge=1)
+    images: int = setting(86_500, "Training images per epoch (ChestX-ray14's train + val: about 86,500).",
+                          flag="--images", ge=1)
+    val_images: int = setting(8_650, "Validation images per validated epoch.", flag="--val-images", ge=0)
+    val_every: int = setting(1, "Validate every N epochs and in each of the last N.", flag="--val-every", ge=1)
+    batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
+    effective_batch: int = setting(32, "Images per optimizer step (micro-batch x accumulation).",
+                                   flag="--effective-batch", ge=1)
+    compile: bool | None = setting(None, "torch.compile; auto (unset): on CUDA.", flag="--compile")
+    compile_mode: str = setting("default", "torch.compile mode.", flag="--compile-mode", choices=COMPILE_MODES)
+    amp: str = setting("auto", "Mixed precision.", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
+    steps: int = setting(10, "Measured optimizer steps per side, after --warmup.", flag="--steps", ge=1)
+    warmup: int = setting(3, "Optimizer steps per side before timing (compilation, autotuning).", flag="--warmup",
+                          ge=1)
+    eval_batches: int = setting(10, "Measured evaluation batches.", flag="--eval-batches", ge=1)
+    measure_sides: int = setting(0, "Measure only this many of the schedule's sides (evenly spaced, the smallest and "
+                                 "the full one among them; each costs a compilation) and fit the others as time "
+                                 "per image = a + b x side^2; 0: measure every side.", flag="--measure-sides", ge=0)
+    gpus: int = setting(1, "GPUs to project for (linear scaling, stated as such).", flag="--gpus", ge=1)
+    peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
+                                        gt=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.effective_batch % self.batch_size:
+            raise ConfigError(f"bench.recipe.effective_batch {self.effective_batch} is not a multiple of "
+                              f"--batch-size {self.batch_size}")
+        if self.progressive == 0:  # 0 on the command line: no progressive schedule
+            object.__setattr__(self, "progressive", None)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements (benchmarks/RESULTS.md, GPU section) in one run of under 8 minutes on one H100 or H200:
+# The GPU measurements (benchmarks/RESULTS.md, GPU sections) in one run of under 9 minutes on one H100 or H200:
 # tools/gpu_probe.py writes one JSON line per measurement to $OUT/gpu.jsonl as it goes, most valuable first
-# (fidelity, model sweep, loaders, end to end, compile); $OUT/log.txt has the rest of the output.
+# (the 4 x 8 question, the kernel profile, the loader at the small side, the recipe, a real run); each compared
+# setting runs in a process of its own. $OUT/log.txt has the rest of the output.
 #
 #   OUT=/tmp/gpucheck bash tools/gpu_check.sh --rehearse   # on the CPU: tiny model, a few images
 #   OUT=/tmp/gpucheck bash tools/gpu_check.sh              # on the GPU node
@@ -28,5 +29,5 @@ fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
   $PY -c "import nvidia.dali as d, torch, timm; print('dali', d.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
-  $PY tools/gpu_probe.py --out "$OUT/gpu.jsonl" "$@"
+  $PY tools/gpu_probe.py --out "$OUT/gpu.jsonl" --work "$OUT/work" "$@"
 } 2>&1 | tee "$OUT/log.txt"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from cxr_fast import constants as C
@@ -23,7 +24,7 @@ from cxr_fast.data.loader import LoaderSpec, SyntheticLoader
 from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import evaluate, synchronize, train_one_epoch
 from cxr_fast.training.resolution import flops_ratio, side_schedule
-from cxr_fast.training.run import EVAL_BATCH_FACTOR, validated_epochs
+from cxr_fast.training.setup import EVAL_BATCH_FACTOR, validated_epochs
 
 
 def recipe_run_config(config: BenchRecipeConfig) -> RunConfig:
@@ -44,6 +45,7 @@ def _measure_side(state, run: RunConfig, side: int, config: BenchRecipeConfig) -
     batches = (config.warmup + config.steps) * accum
     loader = SyntheticLoader(LoaderSpec("", "train", data, batch_size=run.optim.batch_size, device=state.device),
                              batches, C.NUM_CLASSES)
+    state.batch_in_epoch = 0  # each side is an epoch of its own
     stats = train_one_epoch(state, loader, batches, show_progress=False, warmup_steps=config.warmup)
     rate = stats.timed_images / stats.timed_seconds
     warmup_images = stats.images - stats.timed_images
@@ -75,20 +77,42 @@ def _projection(sides: list[int], rows: dict, evaluation: dict, config: BenchRec
             "total_seconds": train + val + compile_seconds, "total_hours": (train + val + compile_seconds) / 3600}
 
 
+def measured_sides(sides: list[int], count: int) -> list[int]:
+    """The sides to measure: all, or `count` of them evenly spaced, the smallest and the largest included."""
+    distinct = sorted(set(sides))
+    if count == 0 or count >= len(distinct):
+        return distinct
+    if count == 1:
+        return [distinct[-1]]
+    return sorted({distinct[round(i * (len(distinct) - 1) / (count - 1))] for i in range(count)})
+
+
+def estimate_side(rows: dict, side: int) -> dict:
+    """An unmeasured side's rate from the measured ones: seconds per image = a + b x side^2 (compute grows with the
+    side squared; `a` is what does not), fitted by least squares; its compile seconds the measured mean."""
+    measured = sorted(rows)
+    x = np.array([s * s for s in measured], dtype=float)
+    t = np.array([1.0 / rows[s]["images_per_second"] for s in measured])
+    b, a = np.polyfit(x, t, 1) if len(measured) > 1 else (t[0] / x[0], 0.0)
+    return {"side": side, "estimated": True, "images_per_second": 1.0 / (a + b * side * side),
+            "compile_seconds": float(np.mean([rows[s]["compile_seconds"] for s in measured]))}
+
+
 def bench_recipe(config: BenchRecipeConfig = BenchRecipeConfig()) -> dict:
     """Images/s and MFU at each side of the schedule, one evaluation pass, and the projected wall time of the recipe
     (progressive as given, and fixed at the full side) on one GPU and on `gpus` at linear scaling."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = recipe_run_config(config)
     sides = side_schedule(config.image_size, config.epochs, config.progressive, config.progressive_final_epochs)
-    state, model = trainer(run, device, graphs=len(set(sides)))
+    state, model = trainer(run, device)
     gpu, peak = device_peak(device, config.peak_tflops)
     rows = {}
-    for side in sorted(set(sides)):
+    for side in measured_sides(sides, config.measure_sides):
         rows[side] = _measure_side(state, run, side, config)
+    rows |= {side: estimate_side(rows, side) for side in set(sides) - set(rows)}
+    for side, row in rows.items():
         flops = training_flops_per_image(model, run.data.in_chans, side, device)["flops_per_image"]
-        rows[side] |= {"flops_per_image": flops,
-                       "mfu": rows[side]["images_per_second"] * flops / peak if peak else None}
+        row |= {"flops_per_image": flops, "mfu": row["images_per_second"] * flops / peak if peak else None}
     evaluation = _measure_eval(state, run, config)
     validated = validated_epochs(config.epochs, config.val_every)
     full = config.image_size
@@ -98,7 +122,8 @@ def bench_recipe(config: BenchRecipeConfig = BenchRecipeConfig()) -> dict:
     return {"kind": "recipe", "model": config.model, "image_size": full, "epochs": config.epochs,
             "images_per_epoch": config.images, "val_images": config.val_images, "val_every": config.val_every,
             "schedule": sides, "flops_ratio": flops_ratio(sides, full), "compiled": resolve_compile(run.model, device),
-            "compile_mode": config.compile_mode, "sides": list(rows.values()), "evaluation": evaluation,
+            "compile_mode": config.compile_mode, "sides": [rows[side] for side in sorted(rows)],
+            "evaluation": evaluation,
             "projection": {"progressive": progressive, "fixed": fixed},
             "gpus": config.gpus, "projection_gpus_linear": {
                 "progressive_hours": progressive["total_hours"] / config.gpus,

@@ -15,23 +15,29 @@ from cxr_fast.bench.machine import device_peak, machine
 from cxr_fast.config import BenchTrainConfig, RunConfig, replace
 from cxr_fast.data.loader import LoaderSpec, SyntheticLoader, create_loader
 from cxr_fast.errors import CxrFastError
+from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import train_one_epoch
 from cxr_fast.training.losses import FocalLoss
-from cxr_fast.training.run import Env, Plan, build_model, build_state
+from cxr_fast.training.setup import Env, Plan, build_model, build_state
 
 
 def bench_run_config(config: BenchTrainConfig) -> RunConfig:
     """The run settings the benchmark trains with: the trainer's defaults, with the benchmark's model and shapes."""
     return replace(RunConfig(), **{
         "model.name": config.model, "model.pretrained": False, "model.channels_last": config.channels_last,
-        "model.compile": config.compile, "data.image_size": config.image_size, "data.in_chans": config.in_chans,
-        "data.workers": config.workers, "optim.batch_size": config.batch_size, "optim.accum": 1, "amp": config.amp})
+        "model.compile": config.compile, "model.compile_mode": config.compile_mode,
+        "data.image_size": config.image_size, "data.in_chans": config.in_chans, "data.workers": config.workers,
+        "optim.batch_size": config.batch_size, "optim.accum": config.accum,
+        "optim.effective_batch": config.batch_size * config.accum, "amp": config.amp,
+        "cudnn_benchmark": config.cudnn_benchmark})
 
 
 def trainer(run: RunConfig, device: torch.device):
-    """(TrainState, model) as `cxr-fast train` builds them: the model (compiled where the run would be), fused AdamW
-    on CUDA, the schedule, the scaler and the focal loss."""
+    """(TrainState, model) as `cxr-fast train` builds them: the model (compiled where the run would be, one graph per
+    side of its schedule), fused AdamW on CUDA, cuDNN's autotuning as set, the schedule, the scaler, the focal loss."""
     env = Env(0, 1, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = run.cudnn_benchmark
     model, ema = build_model(run, env, None)
     state = build_state(run, Plan(run.optim.batch_size, 1_000_000, 1_000_000), env, model, ema,
                         FocalLoss(run.optim.focal_gamma))
@@ -56,9 +62,9 @@ def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchT
     run = bench_run_config(config)
     state, model = trainer(run, device)
     flops = training_flops_per_image(model, config.in_chans, config.image_size, device)["flops_per_image"]
-    loader = _batches(shards_dir, config, run, device, config.warmup + config.steps)
-    stats = train_one_epoch(state, loader, config.warmup + config.steps, show_progress=False,
-                            warmup_steps=config.warmup)
+    batches = (config.warmup + config.steps) * config.accum
+    loader = _batches(shards_dir, config, run, device, batches)
+    stats = train_one_epoch(state, loader, batches, show_progress=False, warmup_steps=config.warmup)
     gpu, peak = device_peak(device, config.peak_tflops)
     rate = stats.timed_images / stats.timed_seconds
     return {"kind": "train", "model": config.model, "data": config.data, "images_per_second": rate,
@@ -66,6 +72,8 @@ def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchT
             "warmup_steps": config.warmup, "warmup_seconds": stats.seconds - stats.timed_seconds,
             "data_wait_fraction": stats.input_wait_seconds / stats.timed_seconds, "flops_per_image": flops,
             "mfu": rate * flops / peak if peak else None, "peak_flops": peak, "gpu": gpu,
-            "batch_size": config.batch_size, "accum": 1, "image_size": config.image_size, "amp": str(state.amp_dtype),
-            "channels_last": config.channels_last, "compile": config.compile, "in_chans": config.in_chans,
-            "device": str(device), "machine": machine()}
+            "batch_size": config.batch_size, "accum": config.accum, "image_size": config.image_size,
+            "amp": str(state.amp_dtype), "channels_last": config.channels_last,
+            "compiled": resolve_compile(run.model, device), "compile_mode": config.compile_mode,
+            "compile_seconds": stats.warmup_overhead_seconds, "cudnn_benchmark": config.cudnn_benchmark,
+            "in_chans": config.in_chans, "device": str(device), "machine": machine()}

@@ -8,9 +8,10 @@ import click
 
 from cxr_fast.bench.loader import bench_loader
 from cxr_fast.bench.machine import write_json
+from cxr_fast.bench.recipe import bench_recipe
 from cxr_fast.bench.train import bench_train
 from cxr_fast.cli.options import build_config, config_file_option, config_options
-from cxr_fast.config import BenchLoaderConfig, BenchTrainConfig
+from cxr_fast.config import BenchLoaderConfig, BenchRecipeConfig, BenchTrainConfig
 
 SHARDS = click.Path(exists=True, file_okay=False, path_type=Path)
 JSON_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -18,7 +19,8 @@ JSON_FILE = click.Path(dir_okay=False, path_type=Path)
 
 @click.group()
 def bench() -> None:
-    """Throughput of the loaders and the trainer (JSON with the machine and settings; see benchmarks/)."""
+    """Throughput of the loaders and the trainer, and the projected cost of a recipe (JSON with the machine and
+    settings; see benchmarks/)."""
 
 
 def report(result: dict, json_path: Path | None) -> None:
@@ -52,6 +54,31 @@ def bench_train_command(shards, json_path, **settings) -> None:
     if config.data != "synthetic" and shards is None:
         raise click.UsageError("--data with a loader needs --shards")
     report(bench_train(shards, config), json_path)
+
+
+@bench.command("recipe")
+@config_options(BenchRecipeConfig, "model", "image_size", "progressive", "progressive_final_epochs", "epochs",
+                "images", "val_images", "val_every", "batch_size", "effective_batch", "compile", "compile_mode", "amp",
+                "steps", "warmup", "eval_batches", "measure_sides", "gpus", "peak_tflops")
+@config_file_option(BenchRecipeConfig)
+@click.option("--json", "json_path", type=JSON_FILE)
+def bench_recipe_command(json_path, **settings) -> None:
+    """What a full training recipe costs on this machine: the shipped loop for a few steps at every side of its
+    schedule (compiled where the run would be) and one evaluation pass, then images/s and MFU per side and the
+    projected wall time, progressive and fixed, on one GPU and on --gpus (linear scaling)."""
+    result = bench_recipe(build_config(BenchRecipeConfig, settings))
+    write_json(result, json_path)
+    for row in result["sides"]:
+        mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""
+        how = "estimated from the measured sides" if row.get("estimated") else \
+            f"{row['images']} images in {row['seconds']:.2f} s after {row['warmup_steps']} warm-up steps"
+        click.echo(f"side {row['side']}: {row['images_per_second']:.1f} images/s{mfu} ({how})")
+    click.echo(f"evaluation: {result['evaluation']['images_per_second']:.1f} images/s")
+    for name, projection in result["projection"].items():
+        click.echo(f"{name}: {projection['total_seconds'] / 60:.1f} min on one device ({projection['compile_seconds']:.0f} s "
+                   f"compiling), {projection['total_seconds'] / 60 / result['gpus']:.1f} min on {result['gpus']} (linear)")
+    click.echo(f"each device needs {result['loader_images_per_second_per_gpu']:.0f} images/s from its loader at the "
+               f"smallest side{f' -> {json_path}' if json_path else ''}")
 
 
 COMMANDS = (bench,)

@@ -27,8 +27,10 @@ def config_option(cls: type, path: str, *decls: str, **kwargs):
     flag = rule["flag"]
     kwargs.setdefault("show_default", default is not None)
     kwargs.setdefault("help", rule["help"])
-    if isinstance(default, bool):
+    if str(f.type) in ("bool", "bool | None"):  # a switch; an unset optional one means auto
         decls = decls or (f"{flag}/--no-{flag[2:]}",)
+        if default is None:
+            kwargs["show_default"] = "auto"
     elif rule["choices"] is not None:
         kwargs.setdefault("type", click.Choice([str(c) for c in rule["choices"]]))
         if all(isinstance(c, int) for c in rule["choices"]):

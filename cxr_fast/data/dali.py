@@ -9,6 +9,8 @@ image, 30 times the torch op: benchmarks/RESULTS.md.)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cxr_fast.config import DataConfig
 from cxr_fast.errors import CxrFastError
 
@@ -68,6 +70,7 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None)
     with outputs (images uint8 HWC, labels uint8 (classes,), ids uint8 (64,)); device_id None keeps it on the CPU."""
     fn, pipeline_def, types = import_dali()
     gpu, config, train = device_id is not None, spec.data, spec.train
+    side = spec.side or config.image_size
 
     @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, config.workers or 1), device_id=device_id,
                   seed=spec.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
@@ -92,8 +95,11 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None)
                            antialias=True)
         images = fn.clahe(images, tiles_x=config.clahe_tiles, tiles_y=config.clahe_tiles,
                           clip_limit=config.clahe_clip_limit)
+        if side != config.image_size:  # a progressive epoch: CLAHE at the full side, then down to this one (cubic
+            # with antialiasing: within a gray level of OpenCV's INTER_AREA, as for the first resize)
+            images = fn.resize(images, size=[side, side], interp_type=types.INTERP_CUBIC, antialias=True)
         if train:
-            images = _augment(images, config, fn)
+            images = _augment(images, replace(config, image_size=side), fn)
         return images, (labels.gpu() if gpu else labels), ids
 
     pipe = cxr_pipeline()

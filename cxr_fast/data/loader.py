@@ -42,7 +42,9 @@ class LoaderSpec:
     """What a loader reads and makes: one split of a shard set, as batches for one rank on one device.
 
     train=True shuffles and augments, False reads in order without augmentation; dali_cpu keeps the DALI pipeline on
-    the CPU even when `device` is CUDA; normalize=False yields the uint8 images (preview, fidelity checks)."""
+    the CPU even when `device` is CUDA; normalize=False yields the uint8 images (preview, fidelity checks). `side`
+    is the output side of a progressive epoch: the image is processed (CLAHE) at `data.image_size`, as always, and
+    then resized to `side`, so it looks the same at every side; None: `data.image_size`."""
 
     shards: str | Path
     split: str
@@ -56,6 +58,7 @@ class LoaderSpec:
     world_size: int = 1
     normalize: bool = True
     dali_cpu: bool = False
+    side: int | None = None
 
 
 @dataclass
@@ -93,7 +96,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec):
         super().__init__()
         self.tars, self.lo, self.hi, self.batch_size = tars, lo, hi, spec.batch_size
-        self.config, self.train, self.seed = spec.data, spec.train, spec.seed
+        self.config, self.train, self.seed, self.side = spec.data, spec.train, spec.seed, spec.side
 
     def _range(self, worker: int, workers: int) -> tuple[int, int]:
         batches = math.ceil((self.hi - self.lo) / self.batch_size)
@@ -133,7 +136,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 label = np.frombuffer(sample["labels"], np.uint8)
             except (ValueError, KeyError) as error:
                 raise CxrFastError(f"sample {key}: {error}") from None
-            images.append(process_gray(gray, self.config, rng))
+            images.append(process_gray(gray, self.config, rng, self.side))
             labels.append(label)
             keys.append(key)
             if len(keys) == self.batch_size:

@@ -20,11 +20,15 @@ def normalize(images_u8: torch.Tensor, in_chans: int) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def process_gray(gray: np.ndarray, config: DataConfig, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The OpenCV version of the DALI graph: resize (INTER_AREA) → CLAHE → augment when `rng` is given."""
+def process_gray(gray: np.ndarray, config: DataConfig, rng: np.random.Generator | None = None,
+                 side: int | None = None) -> np.ndarray:
+    """The OpenCV version of the DALI graph: resize (INTER_AREA) → CLAHE at `image_size` → resize to `side` (a
+    progressive epoch's; CLAHE's tiles keep their size in the anatomy) → augment when `rng` is given."""
     image = cv2.resize(gray, (config.image_size, config.image_size), interpolation=cv2.INTER_AREA)
     image = cv2.createCLAHE(clipLimit=config.clahe_clip_limit, tileGridSize=(config.clahe_tiles, config.clahe_tiles)
                             ).apply(image)
+    if side is not None and side != config.image_size:
+        image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
     return augment_cv(image, config.augment, rng) if rng is not None else image
 
 

@@ -8,6 +8,7 @@ None), so it is read with `weights_only=True`: opening a file someone shared can
   optimizer, scheduler, scaler    state dicts, for exact resume
   epoch, step, batch_in_epoch, history, best_auc, rng (per rank)   the position in the run
   thresholds, val                 per-class F1-optimal thresholds and the record of the validation they came from
+  side_schedule                   the training side of each epoch (progressive resolution; the config decides it)
   operating_points                per-class thresholds for max F1, sensitivity >= 0.90 and specificity >= 0.90
   calibration                     per-class Platt parameters fitted on that validation (None before the first one)
   checksum                        sha256 over everything else, verified on load: a damaged file is refused
@@ -36,6 +37,7 @@ from cxr_fast.config import RunConfig, from_dict, to_dict
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.engine import unwrap
 from cxr_fast.training.model import create_model
+from cxr_fast.training.resolution import side_schedule
 
 CHECKPOINT_FORMAT = "cxr_fast.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 2
@@ -228,7 +230,9 @@ def training_payload(state, config: RunConfig, rng: list | dict, best_auc: float
             "step": state.step, "batch_in_epoch": state.batch_in_epoch, "history": dict(state.history), "rng": rng,
             "config": to_dict(config), "class_names": list(C.CLASS_NAMES), "best_auc": float(best_auc),
             "thresholds": chosen.get("thresholds"), "operating_points": chosen.get("operating_points"),
-            "calibration": chosen.get("calibration"), "val": val}
+            "calibration": chosen.get("calibration"), "val": val,
+            "side_schedule": side_schedule(config.data.image_size, config.optim.epochs, config.optim.progressive,
+                                           config.optim.progressive_final_epochs)}
 
 
 def chosen_on_validation(payload: dict) -> dict | None:

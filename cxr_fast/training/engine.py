@@ -129,6 +129,14 @@ class EpochStats:
         return self.images / self.seconds
 
     @property
+    def warmup_overhead_seconds(self) -> float | None:
+        """What the warm-up steps took beyond their images at the steady rate: compilation and autotuning."""
+        if not (self.timed_images and self.timed_seconds > 0):
+            return None
+        warmup_images = self.images - self.timed_images
+        return max(0.0, self.seconds - self.timed_seconds - warmup_images * self.timed_seconds / self.timed_images)
+
+    @property
     def data_wait_fraction(self) -> float:
         if self.timed_images and self.timed_seconds > 0:
             return self.input_wait_seconds / self.timed_seconds

@@ -32,13 +32,14 @@ class RunMonitor:
     def _scalars(self, record: dict) -> None:
         step, add = record["step"], self.writer.add_scalar
         add("loss/train", record["train_loss"], step)
-        add("loss/val", record["val_loss"], step)
-        add("auroc/macro", record["val_macro_auc"], step)
-        for name, value in record["val_auc"].items():
-            if value is not None:
-                add(f"auroc/{name}", value, step)
+        if "val_loss" in record:  # a validated epoch (--val-every)
+            add("loss/val", record["val_loss"], step)
+            add("auroc/macro", record["val_macro_auc"], step)
+            for name, value in record["val_auc"].items():
+                if value is not None:
+                    add(f"auroc/{name}", value, step)
         add("lr", record["lr"], step)
-        for key in ("train_images_per_second", "data_wait_fraction", "peak_gpu_memory_gib"):
+        for key in ("train_images_per_second", "data_wait_fraction", "peak_gpu_memory_gib", "image_side"):
             if record.get(key) is not None:
                 add(f"speed/{key}", record[key], step)
         self.writer.flush()
@@ -60,14 +61,17 @@ def plot_curves(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
+    validated = [r for r in records if "val_loss" in r]  # --val-every leaves some epochs without validation
+    val_epochs = [r["epoch"] for r in validated]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in records], "o-", label="validation")
+    axes[0].plot(val_epochs, [r["val_loss"] for r in validated], "o-", label="validation")
     axes[0].set_title("Loss (focal)")
     axes[0].legend()
-    for name in records[-1]["val_auc"] if records else []:
-        axes[1].plot(epochs, [r["val_auc"].get(name) for r in records], color="0.8", lw=0.8)
-    axes[1].plot(epochs, [r["val_macro_auc"] for r in records], "o-", color="C2", label="macro (grey: per class)")
+    for name in validated[-1]["val_auc"] if validated else []:
+        axes[1].plot(val_epochs, [r["val_auc"].get(name) for r in validated], color="0.8", lw=0.8)
+    axes[1].plot(val_epochs, [r["val_macro_auc"] for r in validated], "o-", color="C2",
+                 label="macro (grey: per class)")
     axes[1].set_title("Validation AUROC")
     axes[1].legend()
     axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="C3")

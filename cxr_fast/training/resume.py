@@ -31,14 +31,23 @@ def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]
     return existing if overwrite else []
 
 
-RESUMABLE = ("optim.epochs", "max_steps", "data.workers", "tensorboard", "cudnn_benchmark")
+RESUMABLE = ("optim.epochs", "max_steps", "data.workers", "tensorboard", "cudnn_benchmark", "val_every",
+             "model.compile", "model.compile_mode", "model.compile_cache")
+# Settings whose `auto` the run resolved and stored as a number: `auto` given again matches what it resolved to.
+RESOLVED_AUTO = ("optim.batch_size", "optim.accum")
 
 
 def resumed_config(saved: RunConfig, changes: dict, at_epoch: int) -> RunConfig:
     """The saved run's config with the changes a resume may make; any other change is an error naming its flag."""
     for path, value in changes.items():
         old = getattr_path(saved, path)
-        if path not in RESUMABLE and value != old:
+        if path in RESUMABLE or (path in RESOLVED_AUTO and value == "auto"):
+            continue
+        try:  # compared as the config types it: "16" from the command line is the stored 16
+            typed = getattr_path(replace(saved, **{path: value}), path)
+        except CxrFastError:
+            typed = value
+        if typed != old:
             flag = describe(RunConfig, path)[1].metadata.get("flag") or path
             raise CxrFastError(f"--resume continues the run as it was set up: {flag} {value} differs from its "
                                f"{old}. Start a new run (another --out) to change it")

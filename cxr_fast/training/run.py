@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,45 +32,19 @@ from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
                                           training_payload)
-from cxr_fast.training.engine import (EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp,
-                                      resolve_device, train_one_epoch, warmup_cosine)
+from cxr_fast.training.compiled import compiled_graphs, resolve_compile
+from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.memory import resolve_batch
-from cxr_fast.training.model import create_model
 from cxr_fast.training.monitor import RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
+from cxr_fast.training.setup import (EVAL_BATCH_FACTOR, Env, build_model, build_state, check_splits, epoch_sides,
+                                     loader_seed, plan_epochs, setup_distributed, validated_epochs)
 
 log = logging.getLogger(__name__)
 # Optimizer steps at a new input side (a run's first, each change of side) left out of train_images_per_second:
 # cuDNN's autotuning and torch.compile run in the first micro-batches at a shape.
 WARMUP_STEPS = 1
-
-
-@dataclass(frozen=True)
-class Env:
-    """Where this process runs: its rank among `world_size` ranks and its device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass(frozen=True)
-class Plan:
-    train_images: int
-    steps_per_epoch: int  # optimizer steps
-    batches_per_epoch: int  # micro-batches per rank
-
-    def total_steps(self, epochs: int) -> int:
-        return self.steps_per_epoch * epochs
 
 
 class _StopFlag:
@@ -101,88 +74,6 @@ class _StopFlag:
         return stop
 
 
-def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = resolve_device(device_choice, local_rank if visible > 1 else 0)
-    if device.type == "cuda" and device.index >= visible:
-        raise CxrFastError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible to this process")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = cudnn_benchmark  # fixed input shapes: cuDNN picks its kernels once
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Env(rank, world_size, device)
-
-
-def check_splits(manifest: dict, world_size: int) -> None:
-    """Before any model is built: a training image per rank and a validation split to choose thresholds on."""
-    if manifest["splits"]["train"]["images"] < world_size:
-        raise CxrFastError(f"{manifest['splits']['train']['images']} training images are too few for {world_size} rank(s)")
-    if not manifest["splits"]["val"]["images"]:
-        raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
-
-
-def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
-    """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
-    shuffle)."""
-    n_train = manifest["splits"]["train"]["images"]
-    batch, accum = config.optim.batch_size, config.optim.accum
-    steps = (n_train // world_size) // batch // accum
-    if steps < 1:
-        raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world_size} "
-                           "rank(s); lower --batch-size or --accum")
-    return Plan(n_train, steps, steps * accum)
-
-
-def loader_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2 ** 31)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # No weight decay on norms and biases (1-d parameters), as timm does.
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_model(config: RunConfig, env: Env, resumed: dict | None):
-    """The model with its weights (loaded before any wrapping) and its EMA."""
-    model = create_model(config.model, config.data.in_chans,
-                         pretrained=None if resumed is None else False).to(env.device)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-    ema = None
-    if config.optim.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=config.optim.ema_decay)
-    return model, ema
-
-
-def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema, loss_fn: torch.nn.Module
-                ) -> TrainState:
-    """Optimizer (fused AdamW on CUDA), schedule and scaler around the (possibly compiled, DDP-wrapped) model."""
-    train_model = torch.compile(model) if config.model.compile else model
-    if env.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                  fused=env.device.type == "cuda" or None)
-    total = plan.total_steps(config.optim.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        total, int(config.optim.warmup_fraction * total), config.optim.min_lr_ratio))
-    amp_dtype = resolve_amp(config.amp, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
-                      config.optim.clip_grad_norm,
-                      loss_fn.to(env.device), env.device, ema)
-
-
 class Run:
     """One training run, epoch by epoch; see `run_training`."""
 
@@ -207,6 +98,9 @@ class Run:
         self.monitor = RunMonitor(out_dir, config.tensorboard) if env.is_main else None
         self.stop = _StopFlag(config.max_steps, self.state, env)
         self.warm_side: int | None = None  # the input side this process has trained at (autotuned, compiled)
+        self.sides = epoch_sides(config)
+        self.validated = validated_epochs(config.optim.epochs, config.val_every)
+        self.last_val = resumed.get("val") if resumed is not None else None  # the record `chosen` came from
         if resumed is not None:
             log.info("resuming at epoch %d, step %d", self.state.epoch + 1, self.state.step)
 
@@ -226,14 +120,15 @@ class Run:
                  self.config.model.name, self.env.device, self.env.world_size, p.train_images, p.steps_per_epoch,
                  o.batch_size, o.accum, self.env.world_size, o.epochs)
 
-    def save(self, record=None, best: bool = False) -> None:
+    def save(self, best: bool = False) -> None:
         rng = rng_states()
         if self.env.distributed:
             gathered = [None] * self.env.world_size
             dist.all_gather_object(gathered, rng)
             rng = gathered
         if self.env.is_main:
-            self.saver.save(training_payload(self.state, self.config, rng, self.best_auc, self.chosen, record), best)
+            self.saver.save(training_payload(self.state, self.config, rng, self.best_auc, self.chosen, self.last_val),
+                            best)
 
     def train_epoch(self) -> EpochStats | None:
         """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop).
@@ -242,13 +137,14 @@ class Run:
         replay the same batches. Building one costs about 2 s (the DALI pipeline, on an H200), against minutes for
         an epoch of ChestX-ray14; `bench loader` keeps one loader across epochs to measure the steady state."""
         config, env, state = self.config, self.env, self.state
-        loader = create_loader(LoaderSpec(self.shards_dir, "train", config.data, batch_size=config.optim.batch_size,
-                                          train=True, device=env.device, seed=loader_seed(config.seed, state.epoch,
-                                          env.rank), rank=env.rank, world_size=env.world_size, loader=config.loader))
+        side = self.sides[state.epoch]
+        loader = create_loader(LoaderSpec(
+            self.shards_dir, "train", config.data, batch_size=config.optim.batch_size, train=True,
+            loader=config.loader, device=env.device, seed=loader_seed(config.seed, state.epoch, env.rank),
+            rank=env.rank, world_size=env.world_size, side=side))
+        warmup = 0 if side == self.warm_side else WARMUP_STEPS
+        self.warm_side = side
         try:
-            side = config.data.image_size
-            warmup = 0 if side == self.warm_side else WARMUP_STEPS
-            self.warm_side = side
             return train_one_epoch(state, loader, self.plan.batches_per_epoch, self.stop.local, self.show_progress,
                                    warmup)
         except NonFiniteLoss as error:
@@ -269,9 +165,9 @@ class Run:
         """Metrics of the validation split (every sample once across ranks); sets `self.chosen`: the per-class
         thresholds of the three operating points and the calibration, all fitted on these predictions."""
         config, env = self.config, self.env
-        loader = create_loader(LoaderSpec(self.shards_dir, "val", config.data,
-                                          batch_size=config.optim.batch_size * 2, train=False, device=env.device,
-                                          rank=env.rank, world_size=env.world_size, loader=config.loader))
+        loader = create_loader(LoaderSpec(
+            self.shards_dir, "val", config.data, batch_size=config.optim.batch_size * EVAL_BATCH_FACTOR,
+            loader=config.loader, device=env.device, rank=env.rank, world_size=env.world_size))
         model = self.state.ema.module if self.state.ema is not None else self.state.model
         result = evaluate(model, loader, self.loss_fn, self.state.amp_dtype, self.show_progress)
         targets, probs = result["targets"], result["probs"]
@@ -285,29 +181,39 @@ class Run:
                 "val_images": len(result["keys"])}
 
     def epoch_end(self, stats: EpochStats | None) -> dict:
-        """Validate, then write the epoch's record and checkpoints. `stats` is None when the epoch's training was
-        done before a resume (only its validation was left)."""
-        history = self.state.history
-        train_loss = history["loss_sum"] / max(1, history["loss_count"])  # already averaged over ranks
-        record = self.validate()
-        state = self.state
+        """Validate (on the epochs --val-every names), then write the epoch's record and checkpoints. `stats` is None
+        when the epoch's training was done before a resume (only its validation was left)."""
+        history, state = self.state.history, self.state
+        record = {"epoch": state.epoch + 1, "train_loss": history["loss_sum"] / max(1, history["loss_count"])}
+        if state.epoch + 1 in self.validated:
+            record |= self.validate()
         state.epoch += 1
         state.batch_in_epoch = 0
-        record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, **record,
-                  "lr": float(state.scheduler.get_last_lr()[0]),
-                  "train_images_per_second": stats.images_per_second if stats else None,
-                  "data_wait_fraction": stats.data_wait_fraction if stats else None,
-                  "warmup_steps": stats.warmup_steps if stats else None}
+        record |= {"step": state.step, "lr": float(state.scheduler.get_last_lr()[0]),
+                   "image_side": self.sides[state.epoch - 1], **self._speed(stats)}
         if self.env.device.type == "cuda":
             record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
-        improved = record["val_macro_auc"] > self.best_auc
-        self.best_auc = max(self.best_auc, record["val_macro_auc"])
+        improved = "val_macro_auc" in record and record["val_macro_auc"] > self.best_auc
+        if "val_macro_auc" in record:
+            self.best_auc, self.last_val = max(self.best_auc, record["val_macro_auc"]), record
         if self.env.is_main:
             self.monitor.epoch(record)
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val macro AUC %.4f%s", state.epoch, train_loss,
-                     record["val_loss"], record["val_macro_auc"], " (best)" if improved else "")
-        self.save(record, best=improved)
+            validation = (f", val loss {record['val_loss']:.4f}, val macro AUC {record['val_macro_auc']:.4f}"
+                          f"{' (best)' if improved else ''}") if "val_macro_auc" in record else " (not validated)"
+            log.info("epoch %d at %d px: train loss %.4f%s", state.epoch, record["image_side"], record["train_loss"],
+                     validation)
+        self.save(best=improved)
         return record
+
+    def _speed(self, stats: EpochStats | None) -> dict:
+        """The epoch's speed fields of metrics.jsonl (None where its training was done before a resume)."""
+        if stats is None:
+            return {"train_images_per_second": None, "data_wait_fraction": None, "warmup_steps": None}
+        compiled = resolve_compile(self.config.model, self.env.device)
+        return {"train_images_per_second": stats.images_per_second, "data_wait_fraction": stats.data_wait_fraction,
+                "warmup_steps": stats.warmup_steps,
+                "compile_seconds": stats.warmup_overhead_seconds if compiled and stats.warmup_steps else None,
+                "compiled_graphs": compiled_graphs() if compiled else None}
 
     def stopped(self) -> dict:
         self.save()

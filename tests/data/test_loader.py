@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -63,6 +64,22 @@ def test_loaders_agree_and_match_opencv_reference(real_shards):
           f"torch-ref {np.mean(to_reference['torch']):.3f}")
     assert np.mean(between) <= 1.0
     assert np.mean(to_reference["dali"]) <= 3.0 and np.mean(to_reference["torch"]) <= 3.0
+
+
+@needs_real_data
+def test_loaders_agree_at_a_reduced_side(real_shards):
+    """A progressive epoch's side: CLAHE at --image-size in both loaders, then down to the side; they agree as at the
+    full side, and the torch loader's image is the full-side reference resized."""
+    cfg = DataConfig(image_size=512)
+    spec = LoaderSpec(real_shards, "val", cfg, batch_size=8, normalize=False, side=256)
+    dali, _ = _collect(create_loader(replace(spec, loader="dali")))
+    torch_, _ = _collect(create_loader(replace(spec, loader="torch", data=replace(cfg, workers=0))))
+    full, _ = _collect(create_loader(replace(spec, loader="torch", side=None, data=replace(cfg, workers=0))))
+    between = [np.abs(dali[k][0].astype(float) - torch_[k][0].astype(float)).mean() for k in dali]
+    assert dali.keys() == torch_.keys() and next(iter(dali.values())).shape == (1, 256, 256)
+    assert np.mean(between) <= 1.0
+    for key in list(full)[:4]:
+        np.testing.assert_array_equal(torch_[key][0], cv2.resize(full[key][0], (256, 256), interpolation=cv2.INTER_AREA))
 
 
 @pytest.mark.parametrize("loader_name", LOADER_NAMES)

@@ -103,7 +103,7 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
     """Counts the engine's transfers to the host during an epoch: one per optimizer step."""
     from cxr_fast.data.loader import LoaderSpec, create_loader
     from cxr_fast.training import engine
-    from cxr_fast.training.run import Env, Plan, build_model, build_state
+    from cxr_fast.training.setup import Env, Plan, build_model, build_state
 
     cfg = tiny()
     env = Env(0, 1, torch.device("cpu"))

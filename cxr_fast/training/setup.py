@@ -1,0 +1,142 @@
+"""A training run's set-up: where it runs (device, rank, DDP), how it plans its epochs (whole optimizer steps, the
+side of each epoch), and the model and the state the engine steps (optimizer, schedule, scaler, compiled model).
+`cxr-fast train`, `bench train` and `bench recipe` build their trainer here, so they measure what ships."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from timm.utils import ModelEmaV3
+
+from cxr_fast.config import RunConfig
+from cxr_fast.errors import CxrFastError
+from cxr_fast.training.compiled import compile_model
+from cxr_fast.training.engine import TrainState, resolve_amp, resolve_device, warmup_cosine
+from cxr_fast.training.model import create_model
+from cxr_fast.training.resolution import side_schedule
+
+
+# The validation batch against the training micro-batch: no activations are kept for a backward pass.
+EVAL_BATCH_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where this process runs: its rank among `world_size` ranks and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    train_images: int
+    steps_per_epoch: int  # optimizer steps
+    batches_per_epoch: int  # micro-batches per rank
+
+    def total_steps(self, epochs: int) -> int:
+        return self.steps_per_epoch * epochs
+
+
+def epoch_sides(config: RunConfig) -> list[int]:
+    """The training side of each epoch (the progressive schedule, or --image-size throughout)."""
+    return side_schedule(config.data.image_size, config.optim.epochs, config.optim.progressive,
+                         config.optim.progressive_final_epochs)
+
+
+def validated_epochs(epochs: int, every: int) -> set[int]:
+    """The epochs (counted from 1) that end with a validation: every `every`-th, and each of the last `every`."""
+    return {epoch for epoch in range(1, epochs + 1) if epoch % every == 0 or epoch > epochs - every}
+
+
+def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(device_choice, local_rank if visible > 1 else 0)
+    if device.type == "cuda" and device.index >= visible:
+        raise CxrFastError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible to this process")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # fixed input shapes: cuDNN picks its kernels once
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world_size, device)
+
+
+def check_splits(manifest: dict, world_size: int) -> None:
+    """Before any model is built: a training image per rank and a validation split to choose thresholds on."""
+    if manifest["splits"]["train"]["images"] < world_size:
+        raise CxrFastError(f"{manifest['splits']['train']['images']} training images are too few for {world_size} rank(s)")
+    if not manifest["splits"]["val"]["images"]:
+        raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
+
+
+def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
+    """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
+    shuffle)."""
+    n_train = manifest["splits"]["train"]["images"]
+    batch, accum = config.optim.batch_size, config.optim.accum
+    steps = (n_train // world_size) // batch // accum
+    if steps < 1:
+        raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world_size} "
+                           "rank(s); lower --batch-size or --accum")
+    return Plan(n_train, steps, steps * accum)
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2 ** 31)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No weight decay on norms and biases (1-d parameters), as timm does.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(config: RunConfig, env: Env, resumed: dict | None):
+    """The model with its weights (loaded before any wrapping) and its EMA."""
+    model = create_model(config.model, config.data.in_chans,
+                         pretrained=None if resumed is None else False).to(env.device)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+    ema = None
+    if config.optim.ema_decay > 0:
+        ema = ModelEmaV3(model, decay=config.optim.ema_decay)
+    return model, ema
+
+
+def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema, loss_fn: torch.nn.Module
+                ) -> TrainState:
+    """Optimizer (fused AdamW on CUDA), schedule and scaler around the (possibly compiled, DDP-wrapped) model."""
+    train_model = compile_model(model, config.model, env.device, len(set(epoch_sides(config))))
+    if env.distributed:
+        # Gradients as views of DDP's buckets: one copy less per step and less memory.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                  fused=env.device.type == "cuda" or None)
+    total = plan.total_steps(config.optim.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        total, int(config.optim.warmup_fraction * total), config.optim.min_lr_ratio))
+    amp_dtype = resolve_amp(config.amp, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
+                      config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, ema)
