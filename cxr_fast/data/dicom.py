@@ -5,7 +5,9 @@ window (center, width; the DICOM linear function, PS3.3 C.11.2.1.2) when the fil
 stored bit depth; MONOCHROME1 (white = low values) is inverted. An 8-bit MONOCHROME2 image without a window comes
 out unchanged, so a PNG and its DICOM twin give the same pixels. RLE decodes with pydicom alone; JPEG, JPEG-LS and
 JPEG 2000 need pylibjpeg (with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm, and a file that needs one
-missing says which. Colour and multi-frame files are refused: a chest X-ray here is one gray image.
+missing says which. Colour and multi-frame files are refused: a chest X-ray here is one gray image. The size limit
+holds before any decoding: Rows x Columns, the compressed payload's own header, and a bounded inflate of deflated
+files. pydicom is imported where it is used, on purpose: it is only needed when a DICOM file is read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_fast.data.headers import image_dimensions, inflated_size_within
 from cxr_fast.errors import BadInput
+
+DEFLATED = "1.2.840.10008.1.2.1.99"  # deflated explicit VR little endian
+RLE = "1.2.840.10008.1.2.5"
+HEADER_ALLOWANCE = 1 << 24  # what a dataset holds besides its pixels, at most (16 MiB)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DECODERS = ("pylibjpeg with pylibjpeg-libjpeg (JPEG, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), or python-gdcm")
@@ -39,8 +46,48 @@ def _dataset(path: Path):
 
     try:
         return pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as error:
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, NotImplementedError,
+            TypeError) as error:
         raise BadInput(path, f"not a readable DICOM file ({type(error).__name__}: {str(error)[:150]})") from None
+
+
+def _check_deflated(path: Path, max_pixels: int | None) -> None:
+    """A deflate-compressed file (deflated explicit VR little endian) is inflated whole by pydicom before anything
+    else: inflate it first without keeping the output, and refuse one that grows past what `max_pixels` 16-bit
+    pixels and a header need."""
+    from pydicom.filereader import read_file_meta_info
+
+    if max_pixels is None:
+        return
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # no readable file meta: dcmread reports what is wrong
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    limit = 2 * max_pixels + HEADER_ALLOWANCE
+    start = 132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0))  # preamble, DICM, group length element
+    if not inflated_size_within(path.read_bytes()[start:], limit):
+        raise BadInput(path, f"deflated DICOM data inflates past {limit:,} bytes (--max-pixels {max_pixels} at 16 "
+                             "bits): refused before reading")
+
+
+def _check_payload(ds, path: Path, rows: int, columns: int) -> None:
+    """Compressed pixel data (JPEG, JPEG-LS, JPEG 2000) is sized from its own header before it is decoded: it must
+    be the image Rows and Columns describe (RLE decodes to exactly that size, so it needs no check)."""
+    from pydicom.encaps import generate_frames
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed or syntax == RLE:
+        return
+    first = next(generate_frames(ds.PixelData, number_of_frames=1), b"")
+    size = image_dimensions(bytes(first[:1 << 20]))
+    if size is None:
+        raise BadInput(path, f"compressed pixel data ({syntax.name}) whose size cannot be read from its own header: "
+                             "refused before decoding")
+    if size != (columns, rows):
+        raise BadInput(path, f"the compressed image is {size[0]} x {size[1]} pixels, but the header says {columns} x "
+                             f"{rows}: refused before decoding")
 
 
 def _check(ds, path: Path, max_pixels: int | None) -> None:
@@ -56,6 +103,7 @@ def _check(ds, path: Path, max_pixels: int | None) -> None:
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if max_pixels is not None and rows * columns > max_pixels:
         raise BadInput(path, f"the image claims {columns} x {rows} pixels, more than --max-pixels {max_pixels}")
+    _check_payload(ds, path, rows, columns)
 
 
 def _pixels(ds, path: Path) -> np.ndarray:
@@ -107,10 +155,18 @@ def to_unit_range(ds, values: np.ndarray) -> np.ndarray:
 
 
 def read_dicom(path: Path, max_pixels: int | None = None) -> np.ndarray:
-    """The gray uint8 image of a single-frame monochrome DICOM file; BadInput with the reason otherwise."""
+    """The gray uint8 image of a single-frame monochrome DICOM file; BadInput with the reason otherwise, whatever
+    the header holds (a text WindowCenter or NumberOfFrames, a private transfer syntax): one bad file is one bad
+    input, never the end of a batch."""
+    _check_deflated(path, max_pixels)
     ds = _dataset(path)
-    _check(ds, path, max_pixels)
-    values = _pixels(ds, path)
-    if values.ndim != 2:
-        raise BadInput(path, f"unexpected pixel array shape {values.shape}")
-    return np.rint(to_unit_range(ds, values) * 255.0).astype(np.uint8)
+    try:
+        _check(ds, path, max_pixels)
+        values = _pixels(ds, path)
+        if values.ndim != 2:
+            raise BadInput(path, f"unexpected pixel array shape {values.shape}")
+        return np.rint(to_unit_range(ds, values) * 255.0).astype(np.uint8)
+    except BadInput:
+        raise
+    except Exception as error:  # a header value of the wrong type or form, wherever pydicom or we read it
+        raise BadInput(path, f"unusable DICOM header ({type(error).__name__}: {str(error)[:150]})") from None

@@ -114,25 +114,52 @@ def read_split_list(path: str | Path) -> list[str]:
     return lines
 
 
+# DICOM's age string (PS3.5 AS): nnnD, nnnW, nnnM or nnnY; NIH's 2017 table uses nnnY, its 2020 revision integers.
+AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+SEX_SPELLINGS = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "WOMAN": "F"}
+
+
+def parse_ages(values: pd.Series) -> pd.Series:
+    """Years (float) from ages as tables and DICOM write them; NaN when missing, malformed, negative or past
+    MAX_AGE (the NIH table holds a few such as 414)."""
+    parts = values.astype("string").str.strip().str.upper().str.extract(r"^([+-]?\d+(?:\.\d+)?)\s*([DWMY]?)$")
+    years = pd.to_numeric(parts[0], errors="coerce").astype(float) * parts[1].map(AGE_UNITS).astype(float)
+    return years.where((years >= 0) & (years <= C.MAX_AGE))
+
+
+def parse_sexes(values: pd.Series) -> pd.Series:
+    """M or F from the common spellings (M, F, male, Female, MAN, woman, ...); None otherwise."""
+    mapped = values.astype("string").str.strip().str.upper().map(SEX_SPELLINGS)
+    return mapped.astype(object).where(mapped.notna(), None)
+
+
 def demographics(table: pd.DataFrame) -> pd.DataFrame:
-    """Per row: age (years, NaN when missing or impossible), sex (M/F or None), view (PA/AP/... or None),
-    follow_up (int or None). The 2017 table writes ages as '058Y', the 2020 revision as integers."""
+    """Per row: age (years, NaN when missing or unusable), sex (M/F or None), view (PA/AP/... or None),
+    follow_up (int or None)."""
     out = pd.DataFrame(index=table.index)
-    if C.COL_AGE in table:
-        ages = pd.to_numeric(table[C.COL_AGE].astype(str).str.extract(r"(\d+)")[0], errors="coerce")
-        out["age"] = ages.where((ages >= 0) & (ages <= C.MAX_AGE))
+    out["age"] = parse_ages(table[C.COL_AGE]) if C.COL_AGE in table else np.nan
+    out["sex"] = parse_sexes(table[C.COL_SEX]) if C.COL_SEX in table else None
+    if C.COL_VIEW in table:
+        values = table[C.COL_VIEW].astype("string").str.strip().str.upper()
+        out["view"] = values.where((values.str.len() > 0).fillna(False)).astype(object).where(lambda v: v.notna(),
+                                                                                               None)
     else:
-        out["age"] = np.nan
-    for column, name, allowed in ((C.COL_SEX, "sex", C.SEXES), (C.COL_VIEW, "view", None)):
-        if column not in table:
-            out[name] = None
-            continue
-        values = table[column].astype("string").str.strip().str.upper()
-        kept = values.isin(allowed) if allowed else values.str.len() > 0
-        out[name] = values.where(kept.fillna(False)).astype(object).where(lambda v: v.notna(), None)
-    follow = pd.to_numeric(table[C.COL_FOLLOWUP], errors="coerce") if C.COL_FOLLOWUP in table else np.nan
-    out["follow_up"] = follow
+        out["view"] = None
+    out["follow_up"] = pd.to_numeric(table[C.COL_FOLLOWUP], errors="coerce") if C.COL_FOLLOWUP in table else np.nan
     return out
+
+
+def unusable_demographics(table: pd.DataFrame, people: pd.DataFrame) -> dict:
+    """Per attribute, the values the table gives that became unknown (not the empty ones): their count and a few
+    examples, for the manifest's report."""
+    report = {}
+    for column, name in ((C.COL_AGE, "age"), (C.COL_SEX, "sex")):
+        if column not in table:
+            continue
+        given = table[column].astype("string").str.strip()
+        lost = given.notna() & (given.str.len() > 0) & people[name].isna()
+        report[name] = {"count": int(lost.sum()), "examples": sorted(set(given[lost].tolist()))[:5]}
+    return report
 
 
 def age_band(age: float | None) -> str | None:

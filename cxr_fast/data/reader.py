@@ -37,7 +37,25 @@ def split_shards(shards_dir: str | Path, split: str, manifest: dict | None = Non
     names = manifest["splits"][split]["shards"]
     if not names:
         raise CxrFastError(f"split {split!r} in {shards_dir} has no shards (0 images)")
+    check_unique_keys(manifest, split, shards_dir)
     return [Path(shards_dir) / name for name in names]
+
+
+def check_unique_keys(manifest: dict, split: str, shards_dir: str | Path) -> None:
+    """Every sample key of a split once (a shard listed twice, or a sample copied into another shard, would be scored
+    twice and misalign the analysis): an error naming the key otherwise."""
+    seen: dict[str, str] = {}
+    for name in manifest["splits"][split]["shards"]:
+        record = manifest["shards"].get(name)
+        if record is None:
+            raise CxrFastError(f"{Path(shards_dir) / MANIFEST}: split {split!r} lists {name}, which it does not "
+                               "describe; run `cxr-fast verify`")
+        for key in record["keys"]:
+            if key in seen:
+                raise CxrFastError(f"{Path(shards_dir) / MANIFEST}: sample {key!r} is listed twice in split {split!r} "
+                                   f"({seen[key]} and {name}); the shard set is damaged: run `cxr-fast verify --deep` "
+                                   "or re-shard")
+            seen[key] = name
 
 
 def sample_table(manifest: dict, split: str) -> pd.DataFrame:

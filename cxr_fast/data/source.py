@@ -11,14 +11,16 @@ import cv2
 import numpy as np
 
 from cxr_fast.data.dicom import looks_like_dicom, read_dicom
+from cxr_fast.data.headers import PNG_SIGNATURE, image_dimensions
 from cxr_fast.errors import BadInput, CxrFastError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 def is_image_file(path: Path) -> bool:
-    """PNG, JPEG or DICOM by suffix, or a file without a suffix that carries the DICOM marker."""
-    return path.name.lower().endswith(IMAGE_SUFFIXES) or ("." not in path.name and looks_like_dicom(path))
+    """PNG, JPEG or DICOM by suffix, or any other file that carries the DICOM marker (hospital exports name files by
+    their UID, `1.2.840.113619.2.55...`, or give them no suffix at all)."""
+    return path.name.lower().endswith(IMAGE_SUFFIXES) or looks_like_dicom(path)
 
 
 def image_files(folder: Path) -> Iterator[Path]:
@@ -57,26 +59,6 @@ def to_gray8(image: np.ndarray, path: Path | str = "") -> np.ndarray:
     return image
 
 
-def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header, read before decoding; None for other formats."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
 def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bytes, bool]:
     """Decode a source image (PNG, JPEG or DICOM). Returns (gray uint8, file bytes, whether the file already is an
     8-bit gray PNG).
@@ -90,7 +72,11 @@ def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, by
     if looks_like_dicom(path, data[:132]):
         return read_dicom(path, max_pixels), data, False
     size = image_dimensions(data)
-    if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
+    if size is None:
+        what = "a PNG or JPEG file without a readable size in its header" if data[:8] == PNG_SIGNATURE or \
+            data[:2] == b"\xff\xd8" else "not a PNG, JPEG or DICOM file"
+        raise BadInput(path, f"{what}: refused before decoding")
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise BadInput(path, f"the image claims {size[0]} x {size[1]} pixels, more than --max-pixels {max_pixels}")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None

@@ -1,8 +1,9 @@
 """The one tar walker: the DALI index, `verify`, the analysis and the torch loader all read shards through it.
 
 Samples are grouped as WebDataset groups them: a member `dir/key.ext.more` belongs to sample `dir/key` as component
-`ext.more`, and a sample's members are consecutive. A component repeated within a sample, or a key that comes back
-after another sample, is an error naming the shard (two readers could otherwise disagree about what a sample holds).
+`ext.more`, and a sample's members are consecutive. A component repeated within a sample, a key that comes back
+after another sample, a member that is a link or empty, is an error naming the shard and the member (two readers could
+otherwise disagree about what a sample holds).
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def walk_tar(path: str | Path, read: bool = True, start: int = 0, stop: int | No
     try:
         with tarfile.open(path) as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
+                if not member.isfile():  # a link or a device: a reader would follow it out of the shard
+                    raise CxrFastError(f"shard {path}: member {member.name!r} is not a regular file")
+                if member.size == 0:
+                    raise CxrFastError(f"shard {path}: member {member.name!r} is empty")
                 key, ext = split_member_name(member.name)
                 if key != current:
                     if sample:

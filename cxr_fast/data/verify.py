@@ -1,5 +1,6 @@
 """`cxr-fast verify`: every shard checked against the manifest (sha256, DALI index; deep: every sample decodes and
-agrees with its JSON)."""
+agrees with its JSON and with its manifest entry, every key once in its split and once across splits, no patient in
+two splits — all read from the bytes in the tars, so a tampered manifest is caught)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
     problems = _check_counts(shards_dir, manifest)
+    seen: dict = {"keys": {}, "patients": {}}  # from the tars (deep): key -> (split, shard); patient -> split
     for name, record in tqdm(manifest["shards"].items(), desc="verify", unit="shard"):
         tar, idx = shards_dir / name, shards_dir / record["index"]
         if not tar.exists() or not idx.exists():
@@ -40,8 +42,12 @@ def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
         if count != record["samples"]:
             problems.append(f"{name}: holds {count} samples, the manifest says {record['samples']}")
         if deep:
-            problems += [f"{name}: {p}" for p in _check_samples(tar, record)]
+            problems += [f"{name}: {p}" for p in _check_samples(tar, record, seen, _split_of(manifest, name))]
     return problems
+
+
+def _split_of(manifest: dict, shard: str) -> str | None:
+    return next((split for split, summary in manifest["splits"].items() if shard in summary["shards"]), None)
 
 
 def _check_counts(shards_dir: Path, manifest: dict) -> list[str]:
@@ -66,10 +72,12 @@ def _check_counts(shards_dir: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _check_samples(tar: Path, record: dict) -> list[str]:
+def _check_samples(tar: Path, record: dict, seen: dict, split: str | None) -> list[str]:
+    """Each sample of a tar: decodes, agrees with its JSON and with its manifest entry; its key and patient are
+    checked against those seen so far in other shards and splits."""
     problems, count = [], 0
     try:
-        for key, sample in walk_tar(tar):
+        for index, (key, sample) in enumerate(walk_tar(tar)):
             count += 1
             try:
                 image = decode_image(sample)
@@ -82,8 +90,33 @@ def _check_samples(tar: Path, record: dict) -> list[str]:
                 problems.append(f"sample {key}: labels or id disagree with its json")
             if image.shape != (meta["height"], meta["width"]):
                 problems.append(f"sample {key}: image is {image.shape}, json says {meta['height']}x{meta['width']}")
+            problems += _against_manifest(key, meta, record, index) + _against_others(key, meta, seen, split, tar)
     except CxrFastError as error:
         return [str(error)]
     if count != record["samples"]:
         problems.append(f"{count} samples, manifest says {record['samples']}")
+    return problems
+
+
+def _against_manifest(key: str, meta: dict, record: dict, index: int) -> list[str]:
+    """The manifest's entry at the sample's position names the same key, image and patient as the sample itself."""
+    listed = [record[field][index] if index < len(record[field]) else None
+              for field in ("keys", "image_index", "patients")]
+    found = [key, meta.get("image_index"), meta.get("patient_id")]
+    if listed != found:
+        return [f"sample {key}: the manifest lists {listed} at its place, the sample holds {found}"]
+    return []
+
+
+def _against_others(key: str, meta: dict, seen: dict, split: str | None, tar: Path) -> list[str]:
+    problems = []
+    if key in seen["keys"]:
+        other_split, other = seen["keys"][key]
+        where = "twice in its split" if other_split == split else f"in {other_split} too"
+        problems.append(f"sample {key}: found {where} ({other.name})")
+    seen["keys"][key] = (split, tar)
+    patient = meta.get("patient_id")
+    first = seen["patients"].setdefault(patient, split)
+    if first != split:
+        problems.append(f"sample {key}: patient {patient} is in {first} and {split} (a patient leak)")
     return problems

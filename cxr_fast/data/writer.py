@@ -36,7 +36,8 @@ from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.sample import EXTENSIONS, ID_BYTES, encode_id, encode_image
 from cxr_fast.data.source import IMAGE_SUFFIXES, image_files, read_gray
-from cxr_fast.data.labels import demographics, multi_hot, read_label_table, read_split_list
+from cxr_fast.data.labels import (demographics, multi_hot, read_label_table, read_split_list,
+                                  unusable_demographics)
 from cxr_fast.data.reader import SHARD_FORMAT_VERSION
 from cxr_fast.data.shard_folder import ShardFolder
 from cxr_fast.data.split import plan_split, split_summary
@@ -266,6 +267,9 @@ def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
         folder.undo(todo, existed, written)
         raise CxrFastError(f"{bad.path}: {bad.reason}. The shards this run wrote were removed; fix or remove the "
                            "file, or use --on-error skip to leave such inputs out") from None
+    except BaseException:  # anything else (a full disk, Ctrl-C): what this run wrote goes too, then it goes on
+        folder.undo(todo, existed, written)
+        raise
     finally:
         progress.close()
     return done
@@ -294,5 +298,6 @@ def _manifest(sources: Sources, jobs: list[dict], done: dict, config: ShardConfi
         "splits": summary,
         "shards": shards,
         "rows_without_image": sources.rows_without_image,
+        "unknown_values": unusable_demographics(table, demographics(table)),
         "skipped": skipped,
     }

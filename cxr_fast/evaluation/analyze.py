@@ -107,6 +107,12 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
             raise CxrFastError(f"{path}: row {row + 2} has an invalid box {column} ({boxes[column].iloc[row]!r}); "
                                "x, y must be numbers >= 0 and w, h > 0")
         boxes[column] = values
+    outside = (boxes["x"] + boxes["w"] > NIH_BOX_SPACE) | (boxes["y"] + boxes["h"] > NIH_BOX_SPACE)
+    if outside.any():
+        row = int(np.flatnonzero(outside.to_numpy())[0])
+        raise CxrFastError(f"{path}: row {row + 2} has a box reaching past the {NIH_BOX_SPACE} x {NIH_BOX_SPACE} pixel "
+                           f"space of NIH's images (x {boxes['x'].iloc[row]}, w {boxes['w'].iloc[row]}, y "
+                           f"{boxes['y'].iloc[row]}, h {boxes['h'].iloc[row]})")
     boxes["image"] = boxes["image"].astype(str).str.strip()
     boxes["finding"] = boxes["finding"].astype(str).str.strip().replace({"Infiltrate": "Infiltration"})
     return boxes[boxes["finding"].isin(C.CLASS_NAMES)]

@@ -180,6 +180,27 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def stored_config(payload: dict, path: str | Path) -> RunConfig:
+    """The RunConfig a checkpoint holds; a bad stored value is an error naming the checkpoint and the field."""
+    try:
+        return from_dict(RunConfig, payload["config"], where="config")
+    except CxrFastError as error:
+        field = re.sub(r" \(--[a-z-]+\)", "", str(error))  # the field, not a flag the user never gave
+        raise CxrFastError(f"{path}: its stored config is not valid: {field}; the checkpoint is damaged or was "
+                           "edited") from None
+    except (KeyError, TypeError):
+        raise CxrFastError(f"{path}: no readable stored config; the checkpoint is damaged or was edited") from None
+
+
+def check_thresholds(thresholds, classes: int, where: str) -> None:
+    """One finite threshold in [0, 1] per class, or an error naming where they came from."""
+    values = np.asarray(thresholds, dtype=np.float64) if isinstance(thresholds, (list, tuple)) else None
+    if values is None or values.shape != (classes,) or not np.all(np.isfinite(values)) or \
+            np.any((values < 0) | (values > 1)):
+        raise CxrFastError(f"{where}: thresholds must be {classes} finite numbers in [0, 1], got "
+                           f"{str(thresholds)[:120]}")
+
+
 # ------------------------------------------------------------------------------------------------ trained model
 @dataclass(frozen=True)
 class ModelInfo:
@@ -203,7 +224,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", need_thresh
     if need_thresholds and payload.get("thresholds") is None:
         raise CxrFastError(f"{path} has no validation thresholds (saved before the first validation); use best.pt "
                            "or a last.pt written at an epoch end")
-    config = from_dict(RunConfig, payload["config"], where=f"{path} config")
+    if payload.get("thresholds") is not None:
+        check_thresholds(payload["thresholds"], len(payload.get("class_names") or C.CLASS_NAMES), f"{path}")
+    config = stored_config(payload, path)
     model = create_model(config.model, config.data.in_chans, pretrained=False)
     weights = "ema" if payload.get("ema") is not None else "model"
     try:

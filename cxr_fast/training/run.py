@@ -24,14 +24,14 @@ import torch.distributed as dist
 
 from cxr_fast import constants as C
 from cxr_fast.calibration import fit_calibration
-from cxr_fast.config import RunConfig, dump_yaml, from_dict
+from cxr_fast.config import RunConfig, dump_yaml
 from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
-                                          training_payload)
+                                          stored_config, training_payload)
 from cxr_fast.training.compiled import compiled_graphs, resolve_compile
 from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
@@ -258,7 +258,7 @@ def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path,
         replaced = claim_run_folder(out_dir, resume, overwrite) if is_main else []
         resumed = CheckpointSaver(out_dir).load_last() if resume else None
         if resumed is not None:
-            saved = from_dict(RunConfig, resumed["config"], where=f"{out_dir} checkpoint config")
+            saved = stored_config(resumed, CheckpointSaver(out_dir).last)
             config = resumed_config(saved, changes, resumed["epoch"])
         env = setup_distributed(config.device, config.cudnn_benchmark)
         np.random.seed(config.seed + env.rank)
