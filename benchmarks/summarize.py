@@ -88,5 +88,25 @@ def gpu_check(path: str) -> None:
               f"{_pct(r.get('data_wait_fraction'))} | {r['peak_memory_gib']:.1f} |")
 
 
+def progressive(path: str) -> None:
+    """The accuracy guard of progressive resolution (benchmarks/progressive_guard.py)."""
+    results = json.load(open(path))
+    m = results["machine"]
+    print(f"Machine: {m['host']}, {m['cpu_count']} cores; torch {m['torch']}; {m['date']}. Splits: "
+          f"{results['splits']}.\n")
+    print("| seed | schedule (side per epoch) | FLOPs vs fixed | val macro AUROC, best | last | minutes |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in results["runs"]:
+        print(f"| {r['seed']} | {' '.join(map(str, r['sides']))} | {r['flops_ratio']:.2f} | "
+              f"{r['val_macro_auc_best']:.3f} | {r['val_macro_auc_last']:.3f} | {r['wall_seconds'] / 60:.1f} |")
+    for d in results["differences"]:
+        print(f"\nSeed {d['seed']}: progressive minus fixed, best {d['best']:+.3f}, last {d['last']:+.3f}.")
+
+
 if __name__ == "__main__":
-    (gpu_check if sys.argv[1].endswith(".jsonl") else encodings)(sys.argv[1])
+    if sys.argv[1].endswith(".jsonl"):
+        gpu_check(sys.argv[1])
+    elif "progressive" in sys.argv[1]:
+        progressive(sys.argv[1])
+    else:
+        encodings(sys.argv[1])

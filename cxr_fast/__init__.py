@@ -1,8 +1,8 @@
-"""cxr_fast: a fast, honest training and evaluation pipeline for the 14 NIH ChestX-ray14 findings.
+"""cxr_fast: a fast, honest training and evaluation pipeline for chest X-ray classifiers.
 
 The public builders, as timm offers them:
 
-    from cxr_fast import DataConfig, LoaderSpec, RunConfig, create_loader, create_model, load_model
+    from cxr_fast import DataConfig, LoaderSpec, Predictor, RunConfig, create_loader, create_model, load_model
 
 They are imported on first use, so `import cxr_fast` (and the CLI's --help) stays quick.
 """
@@ -13,6 +13,7 @@ _PUBLIC = {
     "DataConfig": "cxr_fast.config",
     "RunConfig": "cxr_fast.config",
     "LoaderSpec": "cxr_fast.data.loader",
+    "Predictor": "cxr_fast.evaluation.predictor",
     "create_loader": "cxr_fast.data.loader",
     "create_model": "cxr_fast.training.model",
     "load_model": "cxr_fast.training.checkpoint",

@@ -248,6 +248,13 @@ class PredictConfig(Checked):
     cam: bool = setting(False, "Write a Grad-CAM++ overlay per positive finding to OUT/cam/.", flag="--cam")
     max_pixels: int = setting(MAX_PIXELS, "Largest image accepted (width x height, checked before decoding).",
                               flag="--max-pixels", ge=1)
+    operating_point: str = setting("max_f1", "The thresholds behind `findings`, chosen on validation: max F1, "
+                                   "sensitivity >= 0.90 or specificity >= 0.90.", flag="--operating-point",
+                                   choices=("max_f1", "sensitivity_90", "specificity_90"))
+    any_modality: bool = setting(False, "Score DICOM files of any modality (default: projection radiographs only: "
+                                 "CR, DX, DR, RG).", flag="--any-modality")
+    min_gray_range: float = setting(0.25, "Warn when an image spans less than this share of the gray range (1st to "
+                                    "99th percentile): dark, washed out or flat.", ge=0, le=1)
 
 
 @dataclass(frozen=True)

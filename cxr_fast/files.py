@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from cxr_fast.errors import CxrFastError
@@ -51,6 +52,32 @@ def atomic_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CxrFastError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def claim_output(folder: Path, own: tuple[str, ...], overwrite: bool) -> None:
+    """A command's output folder, already locked: empty or new, or, with --overwrite, cleared of the files the
+    command itself writes (`own`, names in the folder) and only those; anything else there is left alone."""
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if present and not overwrite:
+        raise CxrFastError(f"{folder} is not empty ({', '.join(present[:3])}{' …' if len(present) > 3 else ''}); "
+                           "choose another --out, or pass --overwrite to replace this command's earlier results")
+    for name in own:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)` then a rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ A class without positives (or without negatives) has no AUROC: it is reported as
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from cxr_fast import constants as C
 
@@ -122,7 +123,7 @@ def bootstrap_auc_intervals(y: np.ndarray, probs: np.ndarray, groups: np.ndarray
     _, group_index = np.unique(groups, return_inverse=True)
     members = np.split(np.argsort(group_index, kind="mergesort"), np.cumsum(np.bincount(group_index))[:-1])
     samples = np.full((n_boot, y.shape[1]), np.nan)
-    for b in range(n_boot):
+    for b in tqdm(range(n_boot), desc="bootstrap", unit="resample", leave=False, disable=n_boot < 50):
         rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         for c in range(y.shape[1]):
             samples[b, c] = roc_auc(y[rows, c], probs[rows, c])

@@ -88,6 +88,9 @@ def _check_payload(ds, path: Path, rows: int, columns: int) -> None:
     if size != (columns, rows):
         raise BadInput(path, f"the compressed image is {size[0]} x {size[1]} pixels, but the header says {columns} x "
                              f"{rows}: refused before decoding")
+    if not bytes(first[-64:]).rstrip(b"\0").endswith(b"\xff\xd9"):  # JPEG's EOI, JPEG 2000's EOC: same bytes
+        raise BadInput(path, f"the {syntax.name} data is truncated (no end marker): refused, as a truncated JPEG "
+                             "file is")
 
 
 def _check(ds, path: Path, max_pixels: int | None) -> None:
@@ -106,25 +109,25 @@ def _check(ds, path: Path, max_pixels: int | None) -> None:
     _check_payload(ds, path, rows, columns)
 
 
+def _decoder_installed(name: str) -> bool:
+    """Whether a decoder pydicom can use for this compression is installed."""
+    import importlib.util
+
+    modules = ("openjpeg", "gdcm") if "2000" in name else ("libjpeg", "gdcm")
+    return any(importlib.util.find_spec(module) is not None for module in modules)
+
+
 def _pixels(ds, path: Path) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as error:  # pydicom raises RuntimeError/NotImplementedError/ValueError by decoder and version
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         name = getattr(syntax, "name", str(syntax))
-        if syntax is not None and getattr(syntax, "is_compressed", False) and "RLE" not in name:
+        compressed = syntax is not None and getattr(syntax, "is_compressed", False) and "RLE" not in name
+        if compressed and not _decoder_installed(name):
             raise BadInput(path, f"compressed as {name}, which needs a decoder: install {DECODERS}") from None
-        raise BadInput(path, f"pixel data does not decode ({type(error).__name__}: {str(error)[:150]})") from None
-
-
-def _stored_range(ds) -> tuple[float, float]:
-    """The range of the stored values after the modality LUT (for scaling when there is no window)."""
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0) or 0) else \
-        (0, 2 ** bits - 1)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    ends = sorted((low * slope + intercept, high * slope + intercept))
-    return ends[0], ends[1]
+        reason = "is corrupt" if compressed else "does not decode"
+        raise BadInput(path, f"pixel data {reason} ({type(error).__name__}: {str(error)[:150]})") from None
 
 
 def _first(value) -> float:
@@ -135,38 +138,99 @@ def _first(value) -> float:
         return float(value[0])
 
 
-def to_unit_range(ds, values: np.ndarray) -> np.ndarray:
-    """Modality LUT, then VOI LUT or window or the stored range → floats in [0, 1] (MONOCHROME2 sense)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A VOI window to [0, 1] as PS3.3 C.11.2.1.2 defines LINEAR, LINEAR_EXACT and SIGMOID."""
+    function = (function or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width == 1:  # LINEAR's narrowest window is a step at center - 0.5
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
-    values = apply_modality_lut(values, ds).astype(np.float64)
+
+def _lut_values(item) -> tuple[np.ndarray, int, int]:
+    """(LUT entries, first mapped value, bits) of a VOI LUT item. A LUT whose values all stay below half of the
+    stated depth is read at the depth it uses (a vendor quirk: 16 bits stated, 12-bit values held)."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    lut = np.frombuffer(data, np.uint16 if bits > 8 else np.uint8) if isinstance(data, bytes) else np.asarray(data)
+    lut = lut.astype(np.float64).ravel()[:entries or 65536]
+    top = int(lut.max()) if len(lut) else 0
+    if top < 2 ** (bits - 1):
+        bits = max(top.bit_length(), 1)
+    return lut, first, bits
+
+
+def _voi(ds, values: np.ndarray, path: Path) -> np.ndarray | None:
+    """The VOI LUT or the window of the file, to [0, 1]; None where the file has neither."""
     if "VOILUTSequence" in ds:
-        item = ds.VOILUTSequence[0]
-        out_bits = int(item.LUTDescriptor[2])
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64) / (2 ** out_bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
-        values = (values - (center - 0.5)) / max(width - 1, 1.0) + 0.5
-    else:
-        low, high = _stored_range(ds)
-        values = (values - low) / max(high - low, 1e-9)
-    values = np.clip(values, 0.0, 1.0)
-    return 1.0 - values if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1" else values
+        lut, first, bits = _lut_values(ds.VOILUTSequence[0])
+        index = np.clip(np.rint(values) - first, 0, len(lut) - 1).astype(np.int64)
+        return lut[index] / (2 ** bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        if width <= 0 or (function.strip().upper() == "LINEAR" and width < 1):
+            raise BadInput(path, f"WindowWidth {width} is not a window (it must be > 0, and >= 1 for LINEAR)")
+        return window(values, center, width, function)
+    return None
 
 
-def read_dicom(path: Path, max_pixels: int | None = None) -> np.ndarray:
-    """The gray uint8 image of a single-frame monochrome DICOM file; BadInput with the reason otherwise, whatever
-    the header holds (a text WindowCenter or NumberOfFrames, a private transfer syntax): one bad file is one bad
-    input, never the end of a batch."""
-    _check_deflated(path, max_pixels)
-    ds = _dataset(path)
+def to_unit_range(ds, values: np.ndarray, path: Path) -> np.ndarray:
+    """As a viewer renders it, to floats in [0, 1] (MONOCHROME2 sense): the modality LUT (rescale, or a Modality LUT
+    sequence), then the VOI LUT or the window; without either, 8-bit data as it is and deeper data over the range
+    actually present (12-bit data using a quarter of its range would otherwise reach the model nearly black)."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "RescaleSlope" in ds and float(ds.RescaleSlope) == 0:
+        raise BadInput(path, "RescaleSlope is 0: every pixel would have one value")
+    rescaled = "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 or \
+        float(ds.get("RescaleIntercept", 0) or 0) != 0
+    values = apply_modality_lut(values, ds).astype(np.float64)
+    unit = _voi(ds, values, path)
+    if unit is None:
+        if int(ds.get("BitsStored", 8) or 8) <= 8 and not rescaled:
+            unit = values / 255.0
+        else:
+            low, high = float(values.min()), float(values.max())
+            unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    unit = np.clip(unit, 0.0, 1.0)
+    return 1.0 - unit if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1" else unit
+
+
+def identifiers(ds) -> dict:
+    """What identifies a DICOM image in a results table, and what says whether it is a chest radiograph."""
+    fields = {"sop_instance_uid": "SOPInstanceUID", "study_instance_uid": "StudyInstanceUID",
+              "view_position": "ViewPosition", "modality": "Modality", "body_part": "BodyPartExamined",
+              "sop_class_uid": "SOPClassUID"}
+    return {name: str(ds.get(tag, "") or "").strip() for name, tag in fields.items()}
+
+
+def render(ds, path: Path | str = "dataset", max_pixels: int | None = None) -> np.ndarray:
+    """The gray uint8 image of a pydicom dataset (single-frame, monochrome), rendered as above."""
+    path = Path(path)
     try:
         _check(ds, path, max_pixels)
         values = _pixels(ds, path)
         if values.ndim != 2:
             raise BadInput(path, f"unexpected pixel array shape {values.shape}")
-        return np.rint(to_unit_range(ds, values) * 255.0).astype(np.uint8)
+        return np.rint(to_unit_range(ds, values, path) * 255.0).astype(np.uint8)
     except BadInput:
         raise
     except Exception as error:  # a header value of the wrong type or form, wherever pydicom or we read it
         raise BadInput(path, f"unusable DICOM header ({type(error).__name__}: {str(error)[:150]})") from None
+
+
+def read_dicom_source(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, dict]:
+    """(gray uint8, identifiers) of a single-frame monochrome DICOM file; BadInput with the reason otherwise,
+    whatever the header holds (a text WindowCenter or NumberOfFrames, a private transfer syntax): one bad file is one
+    bad input, never the end of a batch."""
+    _check_deflated(path, max_pixels)
+    ds = _dataset(path)
+    return render(ds, path, max_pixels), identifiers(ds)
+
+
+def read_dicom(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    return read_dicom_source(path, max_pixels)[0]

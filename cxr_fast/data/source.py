@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from cxr_fast.data.dicom import looks_like_dicom, read_dicom
+from cxr_fast.data.dicom import looks_like_dicom, read_dicom_source
 from cxr_fast.data.headers import PNG_SIGNATURE, image_dimensions
 from cxr_fast.errors import BadInput, CxrFastError
 
@@ -23,15 +24,24 @@ def is_image_file(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES) or looks_like_dicom(path)
 
 
-def image_files(folder: Path) -> Iterator[Path]:
-    """The image files below `folder`, recursively, in a stable order; an unreadable folder is an error."""
+def image_files(folder: Path, exclude: Path | None = None) -> Iterator[Path]:
+    """The image files below `folder`, recursively (symlinked folders followed, each real folder once), in a stable
+    order, leaving out the folder `exclude` (a command's own output inside its input); an unreadable folder is an
+    error."""
     if not folder.is_dir():
         raise CxrFastError(f"image folder not found: {folder}")
 
     def unreadable(error: OSError) -> None:
         raise CxrFastError(f"cannot read folder {error.filename}: {error.strerror}")
 
-    for root, dirs, files in os.walk(folder, onerror=unreadable):
+    skip = exclude.resolve() if exclude is not None else None
+    visited = set()
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = Path(root).resolve()
+        if real in visited or (skip is not None and (real == skip or skip in real.parents)):
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name
@@ -39,53 +49,79 @@ def image_files(folder: Path) -> Iterator[Path]:
                 yield path
 
 
+@dataclass
+class SourceImage:
+    """A source image as the pipeline reads it: 8-bit gray, the file's bytes, whether those already are an 8-bit gray
+    PNG (then shards copy them), what identifies it (DICOM UIDs, view, modality, body part) and warnings."""
+
+    gray: np.ndarray
+    data: bytes
+    is_gray_png: bool
+    meta: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
 def to_gray8(image: np.ndarray, path: Path | str = "") -> np.ndarray:
     """The documented rule for non-gray inputs.
 
-    16-bit: keep the high byte (a linear rescale; NIH ships 8-bit, other exports may not). 3 or 4 channels: drop the
-    alpha channel (NIH's RGBA PNGs are fully opaque) and take ITU-R BT.601 luma (OpenCV's BGR2GRAY, the same as
-    `cv2.imread(..., IMREAD_GRAYSCALE)`); for NIH's RGBA files R = G = B, so the result is exactly that channel.
+    16-bit: over the range actually present, as a viewer shows DICOM data without a window (the high byte alone left
+    12-bit data nearly black). 3 or 4 channels: drop the alpha channel (NIH's RGBA PNGs are fully opaque) and take
+    ITU-R BT.601 luma (OpenCV's BGR2GRAY, the same as `cv2.imread(..., IMREAD_GRAYSCALE)`); for NIH's RGBA files
+    R = G = B, so the result is exactly that channel.
     """
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise BadInput(path, f"unsupported pixel type {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     elif image.ndim == 3 and image.shape[2] in (3, 4):
+        if image.dtype == np.uint16:
+            image = (image >> 8).astype(np.uint8)  # colour at 16 bits is not a radiograph; keep it simple
         image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
     elif image.ndim != 2:
         raise BadInput(path, f"unsupported image shape {image.shape}")
+    if image.dtype == np.uint16:
+        low, high = int(image.min()), int(image.max())
+        scaled = (image.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(image.shape)
+        image = np.rint(scaled).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise BadInput(path, f"unsupported pixel type {image.dtype}")
     return image
 
 
-def read_gray(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bytes, bool]:
-    """Decode a source image (PNG, JPEG or DICOM). Returns (gray uint8, file bytes, whether the file already is an
-    8-bit gray PNG).
+def gray_range_warning(gray: np.ndarray, share: float) -> str | None:
+    """A warning when the 8-bit image spans less than `share` of the gray range (1st to 99th percentile): a dark,
+    washed-out or flat image that the model would score as if it were a radiograph."""
+    low, high = np.percentile(gray[:: max(1, gray.shape[0] // 512), :: max(1, gray.shape[1] // 512)], (1, 99))
+    used = (high - low) / 255.0
+    if used < share:
+        return f"the image uses {100 * used:.0f}% of the gray range (1st-99th percentile): dark, washed out or flat"
+    return None
+
+
+def read_gray(path: Path, max_pixels: int | None = None) -> SourceImage:
+    """Decode a source image (PNG, JPEG or DICOM) to 8-bit gray.
 
     The header's size is checked against `max_pixels` before anything is decoded (a decompression bomb is a
-    small file that claims an enormous image)."""
+    small file that claims an enormous image). JPEG files are turned as their EXIF orientation says."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadInput(path, f"unreadable ({error.strerror})") from None
     if looks_like_dicom(path, data[:132]):
-        return read_dicom(path, max_pixels), data, False
+        gray, meta = read_dicom_source(path, max_pixels)
+        return SourceImage(gray, data, False, meta)
     size = image_dimensions(data)
     if size is None:
-        what = "a PNG or JPEG file without a readable size in its header" if data[:8] == PNG_SIGNATURE or \
-            data[:2] == b"\xff\xd8" else "not a PNG, JPEG or DICOM file"
+        what = "not a decodable image (a PNG or JPEG header without a readable size)" if \
+            data[:8] == PNG_SIGNATURE or data[:2] == b"\xff\xd8" else "not a PNG, JPEG or DICOM file"
         raise BadInput(path, f"{what}: refused before decoding")
     if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise BadInput(path, f"the image claims {size[0]} x {size[1]} pixels, more than --max-pixels {max_pixels}")
+    # JPEG: 8-bit gray with the EXIF orientation applied; PNG: as stored (16 bits kept for the rule above).
+    flags = cv2.IMREAD_GRAYSCALE if data[:2] == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as error:  # OpenCV refuses some sizes and corrupt streams by raising
         raise BadInput(path, f"not decodable ({str(error).strip().splitlines()[-1][:200]})") from None
     if image is None:
         raise BadInput(path, "not a decodable image (truncated or not an image file)")
-    if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
-        raise BadInput(path, f"the image has {image.shape[1]} x {image.shape[0]} pixels, more than --max-pixels "
-                             f"{max_pixels}")
-    is_gray_png = data[:8] == b"\x89PNG\r\n\x1a\n" and image.dtype == np.uint8 and image.ndim == 2
-    return to_gray8(image, path), data, is_gray_png
+    is_gray_png = data[:8] == PNG_SIGNATURE and image.dtype == np.uint8 and image.ndim == 2
+    return SourceImage(to_gray8(image, path), data, is_gray_png)

@@ -58,17 +58,18 @@ def _write_shard(job: dict) -> dict:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
                 try:
-                    gray, data, is_gray_png = read_gray(Path(sample["path"]), config.max_pixels)
+                    source = read_gray(Path(sample["path"]), config.max_pixels)
                 except BadInput as bad:
                     if config.on_error == "fail":
                         raise
                     skipped.append({"file": bad.path, "reason": bad.reason})
                     continue
+                gray = source.gray
                 if config.resize:
                     gray = cv2.resize(gray, (config.resize, config.resize), interpolation=cv2.INTER_AREA)
                 # An 8-bit gray PNG source is already what the png encoding stores: copy its bytes, skip re-encoding.
-                if config.encoding == "png" and not config.resize and is_gray_png:
-                    components = {"png": data}
+                if config.encoding == "png" and not config.resize and source.is_gray_png:
+                    components = {"png": source.data}
                 else:
                     components = encode_image(gray, config.encoding, config.jpeg_quality)
                 key = sample["key"]

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration
@@ -28,6 +29,7 @@ from cxr_fast.data.loader import LoaderSpec, create_loader, resolve_loader
 from cxr_fast.data.reader import load_manifest, sample_table
 from cxr_fast.data.transforms import normalize
 from cxr_fast.errors import CxrFastError
+from cxr_fast.files import claim_output, folder_lock, make_folder
 from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
 from cxr_fast.evaluation.clinical import calibration_report, operating_point_report, subgroup_audit
 from cxr_fast.evaluation.clinical_report import (calibration_section, claim_section, operating_points_section,
@@ -137,17 +139,42 @@ class ScoredSplit:
         return list(self.rows["image_index"])
 
 
+OWN_FILES = ("report.md", "predictions.csv", "metrics.json", "curves", "visualizations")
+
+
+@dataclass
+class Inputs:
+    """What an analysis reads, checked before its output folder is touched."""
+
+    checkpoint: Path
+    shards_dir: Path
+    manifest: dict
+    boxes: pd.DataFrame | None
+    model: torch.nn.Module
+    info: ModelInfo
+    device: torch.device
+
+
 def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path,
-                 config: AnalyzeConfig = AnalyzeConfig()) -> dict:
-    """The `cxr-fast analyze` command; returns metrics.json's content."""
-    out = Path(out)
+                 config: AnalyzeConfig = AnalyzeConfig(), overwrite: bool = False) -> dict:
+    """The `cxr-fast analyze` command; returns metrics.json's content. The inputs are checked first; then the output
+    folder is locked, and refused when occupied unless `overwrite` (which clears only this command's files)."""
     target = resolve_device(config.device)
     manifest = load_manifest(shards_dir)
-    split = config.split
-    if split not in manifest["splits"] or not manifest["splits"][split]["images"]:
-        raise CxrFastError(f"split {split!r} is missing or empty in {shards_dir}")
-    boxes = read_boxes(config.bbox) if config.bbox else None  # checked before the work starts
+    if config.split not in manifest["splits"] or not manifest["splits"][config.split]["images"]:
+        raise CxrFastError(f"split {config.split!r} is missing or empty in {shards_dir}")
+    boxes = read_boxes(config.bbox) if config.bbox else None
     model, info = load_model(checkpoint, target)
+    inputs = Inputs(Path(checkpoint), Path(shards_dir), manifest, boxes, model, info, target)
+    out = make_folder(Path(out))
+    with folder_lock(out, "an analysis"):
+        claim_output(out, OWN_FILES, overwrite)
+        return _analyze(inputs, out, config)
+
+
+def _analyze(inputs: Inputs, out: Path, config: AnalyzeConfig) -> dict:
+    manifest, boxes, model, info, target = inputs.manifest, inputs.boxes, inputs.model, inputs.info, inputs.device
+    checkpoint, shards_dir, split = inputs.checkpoint, inputs.shards_dir, config.split
     samples = sample_table(manifest, split)
     boxed = set(boxes["image"]) if boxes is not None else set()
     collector = ErrorCollector(info.thresholds, config.top_k, set(samples.index[samples["image_index"].isin(boxed)]))
@@ -159,7 +186,6 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
     seconds = time.perf_counter() - started
     keys = result["keys"]
     scored = ScoredSplit(keys, samples.loc[keys], result["targets"], result["probs"], model, info, target, {})
-    out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", scored.rows["image_index"], scored.probs, info.calibration)
 
     metrics = per_class_report(scored.targets, scored.probs, info.thresholds,
@@ -169,7 +195,7 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
                 "inference_images_per_second": len(keys) / seconds, "device": str(target),
                 "loader": resolve_loader(config.loader, target)}
     curves = plot_curves(scored.targets, scored.probs, info.thresholds, out / "curves")
-    clinical = _clinical(metrics, scored, manifest, config, out / "curves")
+    clinical = clinical_sections(metrics, scored, manifest, config, out / "curves")
     gallery, localization = _explain(scored, collector, boxes, out / "visualizations")
     metrics["localization"] = localization
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
@@ -189,7 +215,8 @@ def _write_predictions(path: Path, image_index: pd.Series, probs: np.ndarray, ca
     frame.to_csv(path, index=False)
 
 
-def _clinical(metrics: dict, scored: ScoredSplit, manifest: dict, config: AnalyzeConfig, folder: Path) -> list[str]:
+def clinical_sections(metrics: dict, scored: ScoredSplit, manifest: dict, config: AnalyzeConfig, folder: Path
+                      ) -> list[str]:
     """Calibration, operating points and the subgroup audit into `metrics`; their report sections."""
     targets, probs, info = scored.targets, scored.probs, scored.info
     metrics["calibration"] = calibration_report(targets, probs, info.calibration)
@@ -197,7 +224,7 @@ def _clinical(metrics: dict, scored: ScoredSplit, manifest: dict, config: Analyz
     metrics["operating_points"] = operating_point_report(targets, probs, points)
     metrics["subgroups"], metrics["subgroup_gaps"] = subgroup_audit(targets, probs, info.thresholds, scored.rows,
                                                                     min(config.bootstrap, 200))
-    return [*claim_section(manifest, config.split),
+    return [*claim_section(manifest, metrics["split"]),
             *calibration_section(metrics["calibration"], plot_reliability(metrics["calibration"],
                                                                           folder / "reliability.png")),
             *operating_points_section(metrics["operating_points"]),
@@ -230,6 +257,8 @@ def _write_gallery(scored: ScoredSplit, errors: dict, explainer: CamExplainer, f
     """visualizations/{fp,fn}/<Class>_<rank>_<image>.png: processed input beside its Grad-CAM++ overlay."""
     gallery = {"fp": [], "fn": []}
     thresholds, image_index = scored.info.thresholds, scored.image_index
+    progress = tqdm(total=sum(len(rows) for per_class in errors.values() for rows in per_class.values()),
+                    desc="Grad-CAM++", unit="map", leave=False)
     for kind, per_class in errors.items():
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for name, rows in per_class.items():
@@ -250,6 +279,8 @@ def _write_gallery(scored: ScoredSplit, errors: dict, explainer: CamExplainer, f
                 gallery[kind].append({"class": name, "image": image_index[row], "probability": probability,
                                       "true": truth, "predicted": predicted,
                                       "file": str(path.relative_to(folder.parent))})
+                progress.update()
+    progress.close()
     return gallery
 
 

@@ -21,9 +21,11 @@ import torch
 from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.data.transforms import normalize
+from cxr_fast.config import DataConfig
+from cxr_fast.data.tario import sha256_file
 from cxr_fast.errors import CxrFastError
-from cxr_fast.files import atomic_json, make_folder
-from cxr_fast.training.checkpoint import load_model
+from cxr_fast.files import atomic_json, claim_output, folder_lock, make_folder
+from cxr_fast.training.checkpoint import check_thresholds, load_model
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = "cxr_fast.onnx"
@@ -52,15 +54,22 @@ def parity_inputs(size: int, chans: int, count: int = 4) -> torch.Tensor:
     return normalize(torch.from_numpy(np.stack(images).astype(np.uint8)[:, None]), chans).contiguous()
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
-    """Write out/model.onnx and out/model.json; returns the metadata."""
+def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write out/model.onnx and out/model.json (locked folder, refused when occupied unless `overwrite`); returns
+    the metadata."""
+    out = make_folder(Path(out))
+    with folder_lock(out, "an export"):
+        claim_output(out, ("model.onnx", "model.json"), overwrite)
+        return _export(checkpoint, out)
+
+
+def _export(checkpoint: str | Path, out: Path) -> dict:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise CxrFastError(f"export needs onnx and onnxruntime ({', '.join(missing)} missing): pip install onnx "
                            "onnxruntime")
     model, info = load_model(checkpoint, "cpu")
     model = model.float().eval()
-    out = make_folder(Path(out))
     data = info.config.data
     sample = parity_inputs(data.image_size, data.in_chans)
     tmp = out / "model.onnx.tmp"
@@ -78,13 +87,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "cxr_fast_version": __version__,
-            "checkpoint": str(checkpoint), "epoch": info.epoch, "model": info.config.model.name,
-            "weights": info.weights, "classes": list(C.CLASS_NAMES),
+            "checkpoint": Path(checkpoint).name, "epoch": info.epoch, "model": info.config.model.name,
+            "weights": info.weights, "classes": list(info.classes),
             "thresholds": None if info.thresholds is None else info.thresholds.tolist(),
-            "calibration": info.calibration, "input": {"name": "image", "shape": ["batch", data.in_chans,
+            "operating_points": info.operating_points or {"max_f1": info.thresholds.tolist()},
+            "validation": _validation_summary(info.val), "calibration": info.calibration,
+            "sha256": sha256_file(out / "model.onnx"), "input": {"name": "image", "shape": ["batch", data.in_chans,
                                                                                  data.image_size, data.image_size],
                                                         "dtype": "float32"},
-            "output": {"name": "logits", "shape": ["batch", C.NUM_CLASSES], "activation": "sigmoid"},
+            "output": {"name": "logits", "shape": ["batch", len(info.classes)], "activation": "sigmoid"},
             "preprocessing": {"gray": "8-bit gray (DICOM: modality LUT, VOI window, MONOCHROME1 inverted)",
                               "resize": "OpenCV INTER_AREA to image_size x image_size", "image_size": data.image_size,
                               "clahe_clip_limit": data.clahe_clip_limit, "clahe_tiles": data.clahe_tiles,
@@ -96,16 +107,59 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:
     return meta
 
 
+def _validation_summary(val: dict | None) -> dict | None:
+    """The validation the thresholds and operating points were chosen on: its epoch, images and AUROC."""
+    if not val:
+        return None
+    return {key: val.get(key) for key in ("epoch", "val_images", "val_macro_auc", "val_auc", "val_loss")}
+
+
 def read_metadata(onnx_path: Path) -> dict:
-    """model.json beside an exported model.onnx, checked."""
+    """model.json beside an exported model.onnx, checked against the model's bytes (sha256) and field by field:
+    what a file says about itself is not trusted until it is checked, and an error names the file and the field."""
     path = onnx_path.with_name("model.json")
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CxrFastError(f"{onnx_path} needs its {path.name} beside it (written by `cxr-fast export`): "
                            f"{error}") from None
-    if meta.get("format") != EXPORT_FORMAT or meta.get("format_version", 0) > EXPORT_FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or \
+            not isinstance(meta.get("format_version"), int) or meta["format_version"] > EXPORT_FORMAT_VERSION:
         raise CxrFastError(f"{path} is not a cxr-fast export of a version this cxr-fast reads")
     if meta.get("thresholds") is None:
         raise CxrFastError(f"{path} has no thresholds: export a checkpoint saved at an epoch end (best.pt)")
+    if meta.get("sha256") != sha256_file(onnx_path):
+        raise CxrFastError(f"{onnx_path} does not match the sha256 in {path.name}: the model file was changed or "
+                           "damaged; export it again")
+    _check_fields(meta, path)
     return meta
+
+
+def _check_fields(meta: dict, path: Path) -> None:
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes) or \
+            len(set(classes)) != len(classes):
+        raise CxrFastError(f"{path}: classes must be a list of distinct names, got {str(classes)[:120]}")
+    check_thresholds(meta["thresholds"], len(classes), f"{path}: thresholds")
+    points = meta.get("operating_points")
+    if not isinstance(points, dict) or "max_f1" not in points:
+        raise CxrFastError(f"{path}: operating_points must hold max_f1 (and sensitivity_90, specificity_90)")
+    for name, values in points.items():
+        check_thresholds(values, len(classes), f"{path}: operating_points.{name}")
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        for key in ("a", "b"):
+            values = np.asarray(calibration.get(key) if isinstance(calibration, dict) else None, dtype=object)
+            if values.shape != (len(classes),) or not all(isinstance(v, (int, float)) and np.isfinite(v)
+                                                          for v in values):
+                raise CxrFastError(f"{path}: calibration.{key} must be {len(classes)} finite numbers")
+        if any(a <= 0 for a in calibration["a"]):
+            raise CxrFastError(f"{path}: calibration.a must be > 0 (an increasing map)")
+    pre = meta.get("preprocessing") or {}
+    try:
+        DataConfig(image_size=pre["image_size"], in_chans=pre["in_chans"], clahe_clip_limit=pre["clahe_clip_limit"],
+                   clahe_tiles=pre["clahe_tiles"])
+    except (KeyError, TypeError) as error:
+        raise CxrFastError(f"{path}: preprocessing lacks {error}") from None
+    except CxrFastError as error:
+        raise CxrFastError(f"{path}: preprocessing: {error}") from None

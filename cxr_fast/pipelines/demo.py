@@ -69,7 +69,8 @@ def run_demo(config: DemoConfig) -> dict[str, Path]:
     log.info("[5/%d] analysis of the test split with Grad-CAM++", steps)
     boxes = Path(labels).parent / "BBox_List_2017.csv"
     run_analysis(out / "run/checkpoints/best.pt", out / "shards", out / "analysis",
-                 AnalyzeConfig(top_k=2, bbox=str(boxes) if boxes.exists() else None, bootstrap=200))
+                 AnalyzeConfig(top_k=2, bbox=str(boxes) if boxes.exists() else None, bootstrap=200),
+                 overwrite=True)  # the demo owns its folder
     log.info("[6/%d] loader benchmark", steps)
     write_json(bench_loader(out / "shards", BenchLoaderConfig(loader=run_config.loader, batch_size=16, batches=10,
                                                               warmup=2, image_size=run_config.data.image_size)),

@@ -36,6 +36,7 @@ class TrainState:
     loss_fn: nn.Module
     device: torch.device
     ema: nn.Module | None = None
+    on_step: object = None  # called as on_step(step, loss, lr) after each optimizer step (TensorBoard)
     epoch: int = 0
     step: int = 0  # optimizer steps done
     batch_in_epoch: int = 0  # micro-batches of the current epoch done (always a multiple of accum between steps)
@@ -264,7 +265,10 @@ def _step(state: TrainState, cycle: torch.Tensor, world_size: int, stop_requeste
     # Committed with the step, like batch_in_epoch: a checkpoint never counts a half-done cycle.
     state.history["loss_sum"] += total / world_size
     state.history["loss_count"] += state.accum
-    return total / world_size / state.accum, bool(stop)
+    loss = total / world_size / state.accum
+    if state.on_step is not None:  # values already on the host: no sync added
+        state.on_step(state.step, loss, state.scheduler.get_last_lr()[0])
+    return loss, bool(stop)
 
 
 def _optimizer_step(state: TrainState) -> None:

@@ -4,6 +4,7 @@ curves.png (losses, validation AUROC, learning rate), and with --tensorboard the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from cxr_fast.errors import CxrFastError
@@ -14,13 +15,24 @@ CURVES = "curves.png"
 
 class RunMonitor:
     def __init__(self, out_dir: Path, tensorboard: bool):
-        self.out_dir, self.writer = out_dir, None
+        self.out_dir, self.writer, self.last_step = out_dir, None, None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise CxrFastError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def step(self, step: int, loss: float, lr: float, images: int) -> None:
+        """TensorBoard scalars per optimizer step: loss, learning rate and images/s since the previous step."""
+        if self.writer is None:
+            return
+        now = time.perf_counter()
+        self.writer.add_scalar("step/loss", loss, step)
+        self.writer.add_scalar("step/lr", lr, step)
+        if self.last_step is not None and now > self.last_step:
+            self.writer.add_scalar("step/images_per_second", images / (now - self.last_step), step)
+        self.last_step = now
 
     def epoch(self, record: dict) -> None:
         with open(self.out_dir / METRICS, "a") as f:

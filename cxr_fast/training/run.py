@@ -96,6 +96,9 @@ class Run:
         self.chosen = chosen_on_validation(resumed) if resumed is not None else None  # kept in every last.pt
         self.saver = CheckpointSaver(out_dir)
         self.monitor = RunMonitor(out_dir, config.tensorboard) if env.is_main else None
+        if self.monitor is not None and config.tensorboard:
+            images_per_step = config.optim.batch_size * config.optim.accum * env.world_size
+            self.state.on_step = lambda step, loss, lr: self.monitor.step(step, loss, lr, images_per_step)
         self.stop = _StopFlag(config.max_steps, self.state, env)
         self.warm_side: int | None = None  # the input side this process has trained at (autotuned, compiled)
         self.sides = epoch_sides(config)

@@ -110,10 +110,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_input_sides(model: torch.nn.Module, name: str, sides: set[int]) -> None:
+    """A model with a fixed input size (a ViT's patch grid) refuses other sides before any work, with a message."""
+    patch = getattr(model, "patch_embed", None)
+    size = getattr(patch, "img_size", None)
+    if size is None or getattr(patch, "dynamic_img_size", False) or getattr(patch, "strict_img_size", True) is False:
+        return
+    other = sorted(side for side in sides if (side, side) != tuple(size))
+    if other:
+        raise CxrFastError(f"{name} takes {size[0]} x {size[1]} inputs only, not {other[0]} px: set --image-size "
+                           f"{size[0]} (without --progressive), or choose a convolutional model")
+
+
 def build_model(config: RunConfig, env: Env, resumed: dict | None):
     """The model with its weights (loaded before any wrapping) and its EMA."""
     model = create_model(config.model, config.data.in_chans,
                          pretrained=None if resumed is None else False).to(env.device)
+    check_input_sides(model, config.model.name, set(epoch_sides(config)))
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     ema = None

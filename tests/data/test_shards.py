@@ -153,9 +153,9 @@ def test_unreadable_folder_is_reported(synth_dir, tmp_path, monkeypatch):
     images = _copy_images(synth_dir, tmp_path)
     real_walk = os.walk
 
-    def walk_with_denied_subfolder(top, onerror=None):
+    def walk_with_denied_subfolder(top, onerror=None, **kwargs):
         # The CI user is root and reads every folder, so a permission error is simulated where os.walk reports it.
-        yield from real_walk(top, onerror=onerror)
+        yield from real_walk(top, onerror=onerror, **kwargs)
         onerror(PermissionError(13, "Permission denied", str(images / "sub")))
 
     monkeypatch.setattr("cxr_fast.data.writer.os.walk", walk_with_denied_subfolder)

@@ -125,10 +125,10 @@ def test_export_to_onnx_agrees_with_pytorch(tiny_run, synth_dir, tmp_path):
     assert meta["classes"] == list(C.CLASS_NAMES) and len(meta["thresholds"]) == 14
     assert meta["preprocessing"]["image_size"] == 64 and meta["parity_max_abs_difference"] <= 1e-3
     images = sorted((synth_dir / "images_001/images").glob("*.png"))[:7]
-    for model, out in ((tiny_run / "checkpoints/best.pt", "torch"), (tmp_path / "onnx/model.onnx", "onnx")):
+    for model, out in ((tiny_run / "checkpoints/best.pt", "torch"), (tmp_path / "onnx/model.onnx", "scored")):
         assert _run(["predict", *images, "--checkpoint", model, "--out", tmp_path / out]).exit_code == 0
     a = pd.read_csv(tmp_path / "torch/predictions.csv")
-    b = pd.read_csv(tmp_path / "onnx/predictions.csv")
+    b = pd.read_csv(tmp_path / "scored/predictions.csv")
     assert np.abs(a[PROBS].to_numpy() - b[PROBS].to_numpy()).max() < 1e-3
     assert (a["findings"] == b["findings"]).mean() >= 6 / 7  # a probability at a threshold may flip, no more
 

@@ -47,6 +47,7 @@ def test_metrics_curves_and_tensorboard(synth_shards, tmp_path):
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/train", "loss/val", "auroc/macro", "lr", f"auroc/{C.CLASS_NAMES[0]}"} <= tags
+    assert {"step/loss", "step/lr", "step/images_per_second"} <= tags  # per optimizer step too
     assert [e.value for e in events.Scalars("auroc/macro")] == pytest.approx([r["val_macro_auc"] for r in records])
 
 
