@@ -59,9 +59,9 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
     from cxr_fast.training.run import run_training
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = replace(RunConfig(), **{"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64,
+    config = replace(RunConfig(), **{"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64,
                                   "optim.batch_size": 4, "optim.accum": 2, "optim.epochs": 1, "optim.lr": 1e-3})
-    run_training(cfg, synth_shards, out, show_progress=False)
+    run_training(config, synth_shards, out, show_progress=False)
     return out
 
 

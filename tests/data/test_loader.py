@@ -41,11 +41,11 @@ def _labels_from_json(shards, split):
 
 @needs_real_data
 def test_loaders_agree_and_match_opencv_reference(real_shards):
-    cfg = DataConfig(image_size=512)
+    config = DataConfig(image_size=512)
     device = os.environ.get("CXR_FAST_TEST_DEVICE", "cpu")  # tools/gpu_check.sh runs this with the GPU pipeline
-    dali, _ = _collect(create_loader(LoaderSpec(real_shards, "val", cfg, batch_size=8, train=False, normalize=False,
+    dali, _ = _collect(create_loader(LoaderSpec(real_shards, "val", config, batch_size=8, train=False, normalize=False,
                                                 device=device, loader="dali")))
-    torch_, _ = _collect(create_loader(LoaderSpec(real_shards, "val", cfg, batch_size=8, train=False,
+    torch_, _ = _collect(create_loader(LoaderSpec(real_shards, "val", config, batch_size=8, train=False,
                                                   normalize=False, loader="torch")))
     assert dali.keys() == torch_.keys() and len(dali) == load_manifest(real_shards)["splits"]["val"]["images"]
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
@@ -70,11 +70,11 @@ def test_loaders_agree_and_match_opencv_reference(real_shards):
 def test_loaders_agree_at_a_reduced_side(real_shards):
     """A progressive epoch's side: CLAHE at --image-size in both loaders, then down to the side; they agree as at the
     full side, and the torch loader's image is the full-side reference resized."""
-    cfg = DataConfig(image_size=512)
-    spec = LoaderSpec(real_shards, "val", cfg, batch_size=8, normalize=False, side=256)
+    config = DataConfig(image_size=512)
+    spec = LoaderSpec(real_shards, "val", config, batch_size=8, normalize=False, side=256)
     dali, _ = _collect(create_loader(replace(spec, loader="dali")))
-    torch_, _ = _collect(create_loader(replace(spec, loader="torch", data=replace(cfg, workers=0))))
-    full, _ = _collect(create_loader(replace(spec, loader="torch", side=None, data=replace(cfg, workers=0))))
+    torch_, _ = _collect(create_loader(replace(spec, loader="torch", data=replace(config, workers=0))))
+    full, _ = _collect(create_loader(replace(spec, loader="torch", side=None, data=replace(config, workers=0))))
     between = [np.abs(dali[k][0].astype(float) - torch_[k][0].astype(float)).mean() for k in dali]
     assert dali.keys() == torch_.keys() and next(iter(dali.values())).shape == (1, 256, 256)
     assert np.mean(between) <= 1.0
@@ -148,10 +148,10 @@ EXACTNESS_CASES = [("train", 5, 2, True), ("train", 8, 3, False), ("val", 4, 2, 
 def test_every_sample_exactly_once_and_len_is_exact(synth_shards, loader_name, workers, split, batch_size, ranks,
                                                     train):
     expected = sorted(_labels_from_json(synth_shards, split))
-    cfg = DataConfig(image_size=32, workers=workers)
+    config = DataConfig(image_size=32, workers=workers)
     seen = []
     for rank in range(ranks):
-        loader = create_loader(LoaderSpec(synth_shards, split, cfg, batch_size=batch_size, train=train, rank=rank,
+        loader = create_loader(LoaderSpec(synth_shards, split, config, batch_size=batch_size, train=train, rank=rank,
                                           world_size=ranks, loader=loader_name))
         batches = [batch.keys for batch in loader]
         assert len(batches) == len(loader), f"rank {rank}: {len(batches)} batches, len() says {len(loader)}"
@@ -218,8 +218,8 @@ AUGMENT_CASES = {
 def _augmented(loader_name, shards, augment):
     from cxr_fast.config import AugmentConfig
 
-    cfg = DataConfig(image_size=96, augment=AugmentConfig(**augment), workers=0 if loader_name == "torch" else 2)
-    images, _ = _collect(create_loader(LoaderSpec(shards, "val", cfg, batch_size=8, train=True, normalize=False,
+    config = DataConfig(image_size=96, augment=AugmentConfig(**augment), workers=0 if loader_name == "torch" else 2)
+    images, _ = _collect(create_loader(LoaderSpec(shards, "val", config, batch_size=8, train=True, normalize=False,
                                                   loader=loader_name)))
     return {key: image[0].astype(float) for key, image in images.items()}
 

@@ -106,11 +106,11 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
     from cxr_fast.training import engine
     from cxr_fast.training.setup import Env, Plan, build_model, build_state
 
-    cfg = tiny()
+    config = tiny()
     env = Env(0, 1, torch.device("cpu"))
-    model, ema = build_model(cfg, env, None)
-    state = build_state(cfg, Plan(56, 3, 6), env, model, ema, torch.nn.BCEWithLogitsLoss())
-    batches = list(create_loader(LoaderSpec(synth_shards, "train", cfg.data, batch_size=4, train=True,
+    model, ema = build_model(config, env, None)
+    state = build_state(config, Plan(56, 3, 6), env, model, ema, torch.nn.BCEWithLogitsLoss())
+    batches = list(create_loader(LoaderSpec(synth_shards, "train", config.data, batch_size=4, train=True,
                                             loader="torch")))[:6]
     calls = []
 
@@ -133,9 +133,9 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
 def test_compiled_run_trains_and_its_checkpoint_loads(synth_shards, tmp_path):
     from cxr_fast.training.checkpoint import load_model
 
-    cfg = tiny(**{"data.image_size": 32, "optim.batch_size": 8, "optim.accum": 1, "optim.epochs": 1,
+    config = tiny(**{"data.image_size": 32, "optim.batch_size": 8, "optim.accum": 1, "optim.epochs": 1,
                   "model.compile": True})
-    record = run_training(cfg, synth_shards, tmp_path / "run", show_progress=False)
+    record = run_training(config, synth_shards, tmp_path / "run", show_progress=False)
     assert record["epoch"] == 1 and record["train_loss"] > 0
     model, info = load_model(tmp_path / "run/checkpoints/best.pt")  # plain weights: no torch.compile prefix
     assert info.config.model.compile and not any("_orig_mod" in k for k in model.state_dict())

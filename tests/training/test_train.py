@@ -146,10 +146,10 @@ def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards,
     record = _records(run)[-1]
     checkpoint = load_checkpoint(run / "checkpoints/last.pt")
     assert len(checkpoint["rng"]) == 2  # both ranks' RNG states, for exact resume
-    cfg = tiny()
-    model = create_model(cfg.model, 1)
+    config = tiny()
+    model = create_model(config.model, 1)
     model.load_state_dict(checkpoint["model"])
-    loader = create_loader(LoaderSpec(synth_shards, "val", cfg.data, batch_size=8, train=False, loader=cfg.loader))
+    loader = create_loader(LoaderSpec(synth_shards, "val", config.data, batch_size=8, train=False, loader=config.loader))
     single = evaluate(model, loader, FocalLoss(0.0), None, show_progress=False)
     assert record["val_images"] == len(single["keys"])  # every validation image once, across the two ranks
     assert record["val_macro_auc"] == pytest.approx(macro_auc(single["targets"], single["probs"])[0], abs=1e-6)
