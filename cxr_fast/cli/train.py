@@ -32,7 +32,7 @@ def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None
     \b
     Defaults are the seed's recipe: ConvNeXt-Large at 512, 32 images per optimizer step (the largest micro-batch that
     fits, x accumulation), 25 epochs, lr 1e-4 cosine, focal gamma 2; compiled on a GPU.
-    Under an hour on one H100/H200:  --progressive 256 --val-every 2  (see the README)
+    The GPU recipe (see the README):  --progressive 256 --val-every 2
     Multi-GPU:  torchrun --nproc_per_node=8 -m cxr_fast train --shards shards --out outputs/run
     """
     changes = typed_settings(ctx, RunConfig)  # what the user typed wins over --config
