@@ -79,6 +79,15 @@ def test_a_deflated_dicom_is_inflated_within_a_bound_before_it_is_read(tmp_path,
     assert dicom_module.read_dicom(tmp_path / "deflated.dcm", max_pixels=20_000_000).shape == (4200, 4200)
 
 
+def test_the_bounded_inflate_ends_on_a_chunk_boundary_with_bytes_after_the_stream():
+    from cxr_fast.data.headers import inflated_size_within
+
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    blob = deflate.compress(bytes(3 << 20)) + deflate.flush() + b"\0"  # 3 MiB: the output ends on a 1 MiB chunk
+    assert inflated_size_within(blob, 4 << 20) and not inflated_size_within(blob, 2 << 20)
+    assert inflated_size_within(blob[:100], 4 << 20)  # a truncated stream ends the count too
+
+
 @pytest.mark.parametrize("junk", [b"", b"\x00\x01\x02"])
 def test_a_jpeg_header_is_found_past_junk_bytes(tmp_path, monkeypatch, junk):
     path = tmp_path / "bomb.jpg"

@@ -62,15 +62,17 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
 
 
 def inflated_size_within(data: bytes, limit: int) -> bool:
-    """Whether raw deflate data inflates to at most `limit` bytes, found without holding more than a chunk of it."""
+    """Whether raw deflate data inflates to at most `limit` bytes, found without holding more than a chunk of it.
+    The stream's end (or input that produces nothing more, a truncated stream) ends the count."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, chunk = 0, 1 << 20
-    pending = data
+    total, chunk, pending = 0, 1 << 20, data
     while True:
         out = inflater.decompress(pending, chunk)
         total += len(out)
         if total > limit:
             return False
+        if inflater.eof:
+            return True
         pending = inflater.unconsumed_tail
-        if not pending:
+        if not out and not pending:
             return True
