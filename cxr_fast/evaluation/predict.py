@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -57,10 +58,8 @@ def predict(model_path: Path, inputs: list[Path], out: Path, config: PredictConf
     make_folder(out)
     with folder_lock(out, "predictions"):
         claim_output(out, OWN_FILES, overwrite)
-        explainer = CamExplainer(predictor.model.module) if config.cam else None
-        if explainer is not None:
-            explainer.stems = cam_stems(files)
-        rows = _score_all(predictor, files, explainer, out)
+        cams = CamWriter(CamExplainer(predictor.model.module), cam_stems(files), out / "cam") if config.cam else None
+        rows = _score_all(predictor, files, cams)
         table = pd.DataFrame(rows)
         atomic_write(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     failed = int(table["error"].astype(bool).sum())
@@ -68,7 +67,16 @@ def predict(model_path: Path, inputs: list[Path], out: Path, config: PredictConf
     return table
 
 
-def _score_all(predictor: Predictor, files: list[Path], explainer, out: Path) -> list[dict]:
+@dataclass
+class CamWriter:
+    """What --cam needs: the explainer, the overlay name of each input and the folder."""
+
+    explainer: CamExplainer
+    stems: dict[Path, str]
+    folder: Path
+
+
+def _score_all(predictor: Predictor, files: list[Path], cams: CamWriter | None) -> list[dict]:
     config = predictor.config
     chunks = [files[start:start + config.batch_size] for start in range(0, len(files), config.batch_size)]
     rows = []
@@ -82,12 +90,12 @@ def _score_all(predictor: Predictor, files: list[Path], explainer, out: Path) ->
             prepared = list(queued)
             if index + 1 < len(chunks):
                 queued = submit(chunks[index + 1])
-            rows += _score(predictor, chunk, prepared, explainer, out)
+            rows += _score(predictor, chunk, prepared, cams)
             progress.update(len(chunk))
     return rows
 
 
-def _score(predictor: Predictor, paths: list[Path], prepared: list[Prepared], explainer, out: Path) -> list[dict]:
+def _score(predictor: Predictor, paths: list[Path], prepared: list[Prepared], cams: CamWriter | None) -> list[dict]:
     good = [i for i, p in enumerate(prepared) if not p.error]
     inputs = predictor.tensor([prepared[i].image for i in good]) if good else None
     probs = predictor.probabilities(inputs) if good else np.zeros((0, len(predictor.classes)))
@@ -103,9 +111,9 @@ def _score(predictor: Predictor, paths: list[Path], prepared: list[Prepared], ex
             row |= {f"prob_{c}": p for c, p in result.probabilities.items()}
             row |= {f"calibrated_{c}": p for c, p in (result.calibrated or {}).items()}
             row |= {"findings": "|".join(result.findings) or "No Finding", "error": ""}
-            if explainer is not None:
-                _write_cams(explainer, inputs[k:k + 1], item.gray, result.findings, predictor.classes,
-                            out / "cam" / explainer.stems[path])
+            if cams is not None:
+                _write_cams(cams.explainer, inputs[k:k + 1], item.gray, result.findings, predictor.classes,
+                            cams.folder / cams.stems[path])
         row |= {"operating_point": predictor.config.operating_point, "warning": "; ".join(item.warnings)}
         row |= {column: item.meta.get(column, "") for column in ID_COLUMNS}
         rows.append(row)
