@@ -25,7 +25,7 @@ from cxr_fast.bench.machine import machine
 from cxr_fast.config import BenchLoaderConfig, DataConfig, ShardConfig
 from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -54,7 +54,7 @@ def main() -> None:
         for encoding, resize in VARIANTS:
             out = Path(tmp) / f"{encoding}-{resize or 'src'}"
             started = time.perf_counter()
-            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz",
+            write_shards(ShardInput(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz"),
                          ShardConfig(out=str(out), workers=2, encoding=encoding, resize=resize, shard_size=100))
             shard_rate = 400 / (time.perf_counter() - started)
             manifest = load_manifest(out)
@@ -76,7 +76,7 @@ def main() -> None:
         for workers in (1, 2):
             out = Path(tmp) / f"shard-{workers}"
             started = time.perf_counter()
-            write_shards(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz",
+            write_shards(ShardInput(DATA / "nih-sample/images", DATA / "meta/Data_Entry_2017_v2020.csv.gz"),
                          ShardConfig(out=str(out), workers=workers, shard_size=50))
             results["sharding"].append({"workers": workers, "encoding": "png",
                                         "images_per_second": 400 / (time.perf_counter() - started)})

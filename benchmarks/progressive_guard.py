@@ -17,7 +17,7 @@ from pathlib import Path
 from cxr_fast.bench.machine import machine
 from cxr_fast.config import RunConfig, ShardConfig, SynthConfig, replace
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 from cxr_fast.training.resolution import flops_ratio, side_schedule
 from cxr_fast.training.run import run_training
 
@@ -35,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = write_synthetic_dataset(tmp / "synth", SynthConfig(n_images=args.images, source_size=256))
-        manifest = write_shards(tmp / "synth", table, ShardConfig(out=str(tmp / "shards"), val_fraction=0.15))
+        manifest = write_shards(ShardInput(tmp / "synth", table), ShardConfig(out=str(tmp / "shards"), val_fraction=0.15))
         results["splits"] = {name: s["images"] for name, s in manifest["splits"].items()}
         assert results["splits"]["val"] >= 300, results["splits"]
         for seed in (0, 1):

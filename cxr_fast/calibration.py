@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_fast import constants as C
+from cxr_fast.metrics import stated
 
 ECE_BINS = 15
 
@@ -29,9 +29,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def fit_platt(y: np.ndarray, logits: np.ndarray, ridge: float = 1e-3, iterations: int = 50) -> tuple[float, float]:
     """(a, b) minimising the log loss of sigmoid(a * logit + b) on these labels, by Newton's method, with a small
     ridge towards the identity (a = 1, b = 0) so a separable or tiny class stays finite. Identity when the labels
-    hold one class only."""
-    y, x = np.asarray(y, dtype=np.float64), np.asarray(logits, dtype=np.float64)
-    if y.min() == y.max():
+    hold one class only (or none is stated)."""
+    y, x = stated(y, logits)
+    y, x = y.astype(np.float64), np.asarray(x, dtype=np.float64)
+    if len(y) == 0 or y.min() == y.max():
         return 1.0, 0.0
     a, b = 1.0, 0.0
     for _ in range(iterations):
@@ -46,12 +47,12 @@ def fit_platt(y: np.ndarray, logits: np.ndarray, ridge: float = 1e-3, iterations
     return (float(a), float(b)) if a > 0 else (1.0, 0.0)  # a decreasing map would reorder the images
 
 
-def fit_calibration(y: np.ndarray, probs: np.ndarray) -> dict:
-    """Per-class Platt parameters from validation labels and (uncalibrated) probabilities: the checkpoint's
-    `calibration` entry."""
+def fit_calibration(y: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
+    """Per-class Platt parameters from validation labels and (uncalibrated) probabilities, for the classes `names`:
+    the checkpoint's `calibration` entry."""
     params = [fit_platt(y[:, c], logit(probs[:, c])) for c in range(y.shape[1])]
     return {"method": "platt", "a": [p[0] for p in params], "b": [p[1] for p in params],
-            "fitted_on": "validation", "classes": list(C.CLASS_NAMES)}
+            "fitted_on": "validation", "classes": list(names)}
 
 
 def apply_calibration(probs: np.ndarray, calibration: dict | None) -> np.ndarray:
@@ -64,8 +65,9 @@ def apply_calibration(probs: np.ndarray, calibration: dict | None) -> np.ndarray
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE of one class: the image-weighted mean over equal-width probability bins of |positive rate - mean
-    probability|. nan for an empty set."""
-    y, p = np.asarray(y, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    probability|, over the images where the label is stated. nan for an empty set."""
+    y, p = stated(y, probs)
+    y, p = y.astype(np.float64), np.asarray(p, dtype=np.float64)
     if len(y) == 0:
         return float("nan")
     index = np.minimum((p * bins).astype(int), bins - 1)
@@ -77,8 +79,10 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = ECE
 
 
 def reliability(y: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict:
-    """Per bin: images, mean probability and positive rate (the points of a reliability diagram)."""
-    y, p = np.asarray(y, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    """Per bin: images, mean probability and positive rate (the points of a reliability diagram), over the images
+    where the label is stated."""
+    y, p = stated(y, probs)
+    y, p = y.astype(np.float64), np.asarray(p, dtype=np.float64)
     index = np.minimum((p * bins).astype(int), bins - 1)
     counts = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):

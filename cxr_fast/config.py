@@ -33,12 +33,14 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 @dataclass(frozen=True)
 class SynthConfig(Checked):
-    """The synthetic data set in the NIH layout (`cxr-fast synth`)."""
+    """The synthetic data set (`cxr-fast synth`), in the layout of NIH, CheXpert or MIMIC-CXR-JPG."""
 
     SECTION: ClassVar[str] = "synth"
+    layout: str = setting("nih", "The data set whose files, folders and table columns are written.",
+                          flag="--layout", choices=("nih", "chexpert", "mimic-cxr-jpg"))
     n_images: int = setting(800, "Number of images.", flag="--n-images", ge=10)
-    source_size: int = setting(1024, "Side of the square PNGs written (NIH: 1024).", flag="--source-size", ge=64,
-                               le=8192)
+    source_size: int = setting(1024, "Side of the images written (NIH: 1024, square; CheXpert and MIMIC: the "
+                               "width, the height a fifth more).", flag="--source-size", ge=64, le=8192)
     seed: int = setting(0, "Seed of the labels, patients and pictures.", flag="--seed", ge=0, le=MAX_SEED)
     no_finding_fraction: float = setting(0.54, "Share of images without a finding (NIH: 0.54).", ge=0, le=1)
     min_prevalence: float = setting(0.04, "Floor of every class's prevalence, so small sets have positives.",
@@ -54,8 +56,9 @@ class ShardConfig(Checked):
     and with how many processes they are written (neither of the last three is part of the digest)."""
 
     SECTION: ClassVar[str] = "shard"
-    encoding: str = setting("png", "png: lossless, pixel-identical; jpeg: decodes on the GPU; raw: uint8, no "
-                            "decoding.", flag="--encoding", choices=("png", "jpeg", "raw"))
+    encoding: str = setting("auto", "png: lossless, pixel-identical; jpeg: decodes on the GPU; raw: uint8, no "
+                            "decoding; auto: jpeg when every source is a JPEG (kept as it is: no second lossy "
+                            "generation), else png.", flag="--encoding", choices=("auto", "png", "jpeg", "raw"))
     jpeg_quality: int = setting(95, "JPEG quality of --encoding jpeg.", flag="--jpeg-quality", ge=1, le=100)
     resize: int | None = setting(None, "Store images resized to N x N (INTER_AREA); default: the source size.",
                                  flag="--resize", ge=16, le=8192)
@@ -65,6 +68,13 @@ class ShardConfig(Checked):
                                   "a validation split.", flag="--val-fraction", gt=0, lt=1)
     test_fraction: float = setting(0.2, "Test share, used only without split lists.", flag="--test-fraction",
                                    ge=0, lt=1)
+    uncertain: str | None = setting(None, "What uncertain (-1) labels become, per class: 'ones:Atelectasis,Edema "
+                                    "zeros:*' (ignore: masked, zeros, ones; * every other class); default: the "
+                                    "data set's own.", flag="--uncertain")
+    blank: str = setting("negative", "What a blank (not mentioned) label is: negative, as CheXpert's paper "
+                         "trains, or masked.", flag="--blank", choices=("negative", "masked"))
+    views: str | None = setting(None, "Views kept, e.g. 'PA,AP' or 'all'; default: the data set's own (frontal "
+                                "for CheXpert and MIMIC-CXR-JPG).", flag="--views")
     on_error: str = setting("fail", "fail: stop at a bad input, remove this run's shards; skip: leave it out, "
                             "list it in the manifest.", flag="--on-error", choices=("fail", "skip"))
     max_pixels: int = setting(MAX_PIXELS, "Largest source image accepted (width x height, checked in the header "
@@ -73,6 +83,10 @@ class ShardConfig(Checked):
     workers: int = setting(2, "Parallel shard writers.", flag="--workers", ge=1, le=1024)
 
     def __post_init__(self):
+        if isinstance(self.uncertain, dict):  # YAML's mapping form: {ones: [Atelectasis, Edema], zeros: "*"}
+            object.__setattr__(self, "uncertain", " ".join(
+                f"{policy}:{','.join(names) if isinstance(names, list) else names}"
+                for policy, names in self.uncertain.items()))
         super().__post_init__()
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"shard.val_fraction + shard.test_fraction must be < 1, got {self.val_fraction} + "
@@ -118,6 +132,8 @@ class DataConfig(Checked):
                               flag="--image-size", ge=32, le=4096)
     in_chans: int = setting(1, "1: gray stem (timm folds the pretrained RGB stem); 3: gray replicated.",
                             flag="--in-chans", choices=(1, 3))
+    fit: str = setting("pad", "A source that is not square: pad (black, centred) to a square before resizing, or "
+                       "squash it.", flag="--fit", choices=("pad", "squash"))
     clahe_clip_limit: float = setting(constants.CLAHE_CLIP_LIMIT, "CLAHE clip limit.", gt=0, le=100)
     clahe_tiles: int = setting(constants.CLAHE_TILES, "CLAHE tiles per side.", ge=1, le=64)
     augment: AugmentConfig = setting(AugmentConfig(), "Train-time augmentation.")
@@ -232,6 +248,8 @@ class AnalyzeConfig(Checked):
     bbox: str | None = setting(None, "NIH BBox_List_2017.csv: adds localisation scores (IoBB, pointing game).",
                                flag="--bbox")
     batch_size: int = setting(16, "Images per inference batch.", flag="--batch-size", ge=1)
+    dataset: str = setting("nih", "With --predictions: the description that reads --labels (nih, chexpert, "
+                           "mimic-cxr-jpg).", flag="--dataset", choices=("nih", "chexpert", "mimic-cxr-jpg"))
     bootstrap: int = setting(500, "Patient-level bootstrap resamples for AUROC CIs (0: none).", flag="--bootstrap",
                              ge=0)
 

@@ -1,30 +1,8 @@
-"""Fixed facts about ChestX-ray14 and the defaults derived from them.
+"""Fixed facts about chest radiographs and the model input, and the defaults derived from them (a data set's own
+facts, its classes and columns, live in its description: `data/datasets/`).
 
 Everything here is a constant with a reason; anything a user may change lives in `config.py`.
 """
-
-# The 14 findings in the order of the NIH release (Wang et al. 2017, Table 1). Every multi-hot vector, every
-# model output and every per-class table in this project uses this order.
-CLASS_NAMES = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-
-# "No Finding" is not a class: it is the all-zero label vector.
-NO_FINDING = "No Finding"
 
 # Gray-level normalisation. The model's stem is ImageNet-pretrained; timm folds a 3-channel stem into one channel by
 # summing its weights, which matches feeding the same gray value to R, G and B. The matching statistics are the
@@ -41,40 +19,11 @@ IMAGE_SIZE = 512
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = 8
 
-# Real ChestX-ray14 prevalence per class (images with the finding / 112,120), from Data_Entry_2017.csv. The
-# synthetic data set draws its labels from these numbers.
-REAL_PREVALENCE = {
-    "Atelectasis": 0.1031,
-    "Cardiomegaly": 0.0248,
-    "Effusion": 0.1188,
-    "Infiltration": 0.1774,
-    "Mass": 0.0516,
-    "Nodule": 0.0565,
-    "Pneumonia": 0.0128,
-    "Pneumothorax": 0.0473,
-    "Consolidation": 0.0416,
-    "Edema": 0.0205,
-    "Emphysema": 0.0224,
-    "Fibrosis": 0.0150,
-    "Pleural_Thickening": 0.0302,
-    "Hernia": 0.0020,
-}
-
 SPLITS = ("train", "val", "test")
-
-# Columns of Data_Entry_2017.csv that the pipeline needs; the others are only used by the EDA report.
-COL_IMAGE = "Image Index"
-COL_LABELS = "Finding Labels"
-COL_PATIENT = "Patient ID"
-COL_AGE = "Patient Age"
-COL_SEX = "Patient Gender"
-COL_VIEW = "View Position"
-COL_FOLLOWUP = "Follow-up #"
-REQUIRED_COLUMNS = (COL_IMAGE, COL_LABELS, COL_PATIENT)
 
 # The subgroups of the audit (CheXclusion's attributes): sex, age band and view position as the table records them.
 SEXES = ("M", "F")
 AGE_BANDS = ("0-19", "20-39", "40-59", "60-79", "80+")
 VIEWS = ("PA", "AP")
-MAX_AGE = 120  # the NIH table holds a few impossible ages (e.g. 414): those count as unknown
+MAX_AGE = 120  # tables hold a few impossible ages (NIH's 414): those count as unknown
 

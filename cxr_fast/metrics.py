@@ -2,7 +2,10 @@
 validation, macro and micro means, and bootstrap intervals for AUROC that resample patients (images of one patient
 are correlated, so resampling images would make the intervals too narrow).
 
-A class without positives (or without negatives) has no AUROC: it is reported as undefined with the reason.
+Labels are 1, 0 or NaN (not stated: an uncertain label under `ignore`, a blank one under `--blank masked`, a class
+the image's data set lacks). Every per-class number uses the images where that class is stated; with every label
+stated it is the number over all images. A class without positives (or without negatives) has no AUROC: it is
+reported as undefined with the reason.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from cxr_fast import constants as C
+
+
+def stated(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels (as bool) and scores of the images where the label is stated."""
+    y = np.asarray(y, dtype=np.float64)
+    keep = ~np.isnan(y)
+    return y[keep].astype(bool), np.asarray(scores)[keep]
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -26,7 +35,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U); nan when only one class is present."""
-    y = np.asarray(y).astype(bool)
+    y, scores = stated(y, scores)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -45,18 +54,21 @@ def _cumulative_counts(y: np.ndarray, scores: np.ndarray):
 
 
 def roc_curve(y: np.ndarray, scores: np.ndarray):
+    y, scores = stated(y, scores)
     thresholds, tps, fps = _cumulative_counts(y, scores)
     return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)], np.r_[np.inf, thresholds]
 
 
 def precision_recall_curve(y: np.ndarray, scores: np.ndarray):
+    y, scores = stated(y, scores)
     thresholds, tps, fps = _cumulative_counts(y, scores)
     return tps / (tps + fps), tps / max(tps[-1], 1), thresholds
 
 
 def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
     """Sum over thresholds of (R_k - R_{k-1}) * P_k, as scikit-learn defines it; nan without positives."""
-    if not np.asarray(y).any():
+    y, scores = stated(y, scores)
+    if not y.any():
         return float("nan")
     precision, recall, _ = precision_recall_curve(y, scores)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -64,7 +76,7 @@ def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
 
 def best_f1_threshold(y: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold that maximises F1 on these labels (meant for validation data); 0.5 without positives."""
-    y = np.asarray(y).astype(bool)
+    y, scores = stated(y, scores)
     if not y.any():
         return 0.5
     thresholds, tps, fps = _cumulative_counts(y, scores)
@@ -73,7 +85,8 @@ def best_f1_threshold(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def confusion_stats(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    y, pred = np.asarray(y).astype(bool), np.asarray(scores) >= threshold
+    y, scores = stated(y, scores)
+    pred = scores >= threshold
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
 
@@ -88,7 +101,7 @@ def confusion_stats(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict
 def threshold_for_sensitivity(y: np.ndarray, scores: np.ndarray, target: float = 0.9) -> float:
     """The highest threshold whose sensitivity on these labels is at least `target` (so the most specific such
     operating point); 0.5 without positives."""
-    y = np.asarray(y).astype(bool)
+    y, scores = stated(y, scores)
     if not y.any():
         return 0.5
     thresholds, tps, _fps = _cumulative_counts(y, scores)
@@ -98,7 +111,7 @@ def threshold_for_sensitivity(y: np.ndarray, scores: np.ndarray, target: float =
 def threshold_for_specificity(y: np.ndarray, scores: np.ndarray, target: float = 0.9) -> float:
     """The lowest threshold whose specificity on these labels is at least `target` (so the most sensitive such
     operating point); just above the top score when none reaches it, 0.5 without negatives."""
-    y = np.asarray(y).astype(bool)
+    y, scores = stated(y, scores)
     if y.all():
         return 0.5
     thresholds, _tps, fps = _cumulative_counts(y, scores)
@@ -144,20 +157,25 @@ def macro_auc(y: np.ndarray, probs: np.ndarray) -> tuple[float, list[float]]:
     return (float(np.mean(defined)) if defined else float("nan")), per_class
 
 
-def per_class_report(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+def per_class_report(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, names: list[str],
                      groups: np.ndarray | None = None, n_boot: int = 500) -> dict:
-    """Everything `analyze` reports, per class and averaged. y, probs: (images, 14); thresholds: (14,)."""
+    """Everything `analyze` reports, per class (`names`) and averaged. y, probs: (images, classes); thresholds:
+    (classes,). `images` per class is where it is stated; the report's `images`, all of them."""
     intervals = bootstrap_auc_intervals(y, probs, groups, n_boot) if groups is not None and n_boot else None
     classes = {}
-    for c, name in enumerate(C.CLASS_NAMES):
-        positives = int(y[:, c].sum())
-        entry = {"support": positives, "prevalence": positives / len(y) if len(y) else float("nan"),
+    for c, name in enumerate(names):
+        labelled = int((~np.isnan(y[:, c])).sum())
+        positives = int(np.nansum(y[:, c]))
+        entry = {"support": positives, "images": labelled,
+                 "prevalence": positives / labelled if labelled else float("nan"),
                  "threshold": float(thresholds[c]), "auroc": roc_auc(y[:, c], probs[:, c]),
                  "average_precision": average_precision(y[:, c], probs[:, c])}
         entry |= confusion_stats(y[:, c], probs[:, c], thresholds[c])
-        if positives == 0:
+        if labelled == 0:
+            entry["undefined"] = "not stated for any image in this split: no metric is defined"
+        elif positives == 0:
             entry["undefined"] = "no positive images in this split: AUROC, AP and recall are undefined"
-        elif positives == len(y):
+        elif positives == labelled:
             entry["undefined"] = "no negative images in this split: AUROC is undefined"
         if intervals is not None:
             entry["auroc_ci95"] = intervals[c].tolist()

@@ -32,10 +32,10 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_dir, tmp_path_factory) -> Path:
     from cxr_fast.config import ShardConfig
-    from cxr_fast.data.writer import write_shards
+    from cxr_fast.data.writer import ShardInput, write_shards
 
     out = tmp_path_factory.mktemp("synth_shards")
-    write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv",
+    write_shards(ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"),
                  ShardConfig(out=str(out), workers=2, shard_size=16, val_fraction=0.25))
     return out
 
@@ -45,10 +45,10 @@ def real_shards(tmp_path_factory) -> Path:
     if not REAL_IMAGES.is_dir():
         pytest.skip("../shared/data (real NIH sample) not present")
     from cxr_fast.config import ShardConfig
-    from cxr_fast.data.writer import write_shards
+    from cxr_fast.data.writer import ShardInput, write_shards
 
     out = tmp_path_factory.mktemp("real_shards")
-    write_shards(REAL_IMAGES, REAL_TABLE, ShardConfig(out=str(out), workers=2, shard_size=50))
+    write_shards(ShardInput(REAL_IMAGES, REAL_TABLE), ShardConfig(out=str(out), workers=2, shard_size=50))
     return out
 
 

@@ -101,3 +101,21 @@ def test_public_builders_import_from_the_top():
 
     assert callable(create_loader) and callable(create_model) and callable(load_model)
     assert RunConfig().data == DataConfig() and LoaderSpec("shards", "train").split == "train"
+
+
+def test_no_class_list_outside_the_data_set_descriptions():
+    """Class names travel manifest → checkpoint → evaluation: a finding's name as a string literal belongs to a
+    description (or the synthetic pictures drawn for NIH's findings), nowhere else. ("No Finding", NIH's word for
+    no positive label, is what `predict` writes when it calls none.)"""
+    from cxr_fast.data.datasets import DATASETS, nih
+
+    names = {c for module in DATASETS.values() for c in (module.CLASSES or ())} - {nih.NO_FINDING}
+    allowed = {PACKAGE / "data" / "synth.py", PACKAGE / "data" / "synth_layouts.py"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (PACKAGE / "data" / "datasets") in path.parents or path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert not found, found

@@ -26,7 +26,7 @@ def test_depthwise_backward_costs_twice_its_forward():
 
 @pytest.mark.parametrize("name", ["convnext_atto"])
 def test_convnext_training_flops_are_three_forwards(name):
-    model = create_model(ModelConfig(name=name, pretrained=False), in_chans=1)
+    model = create_model(ModelConfig(name=name, pretrained=False), in_chans=1, num_classes=14)
     flops = training_flops_per_image(model, 1, 64, torch.device("cpu"))
     # Every conv and matmul after the stem needs both gradients; the stem's input needs none (one forward less).
     ratio = flops["flops_per_image"] / flops["forward_flops_per_image"]

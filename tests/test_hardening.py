@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.config import ShardConfig
@@ -26,7 +27,7 @@ from cxr_fast.data.source import read_gray
 from cxr_fast.data.reader import load_manifest, split_shards
 from cxr_fast.data.tario import walk_tar
 from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
 
@@ -76,9 +77,9 @@ def test_whitespace_loses_no_label_and_splits_no_patient(synth_dir, tmp_path):
     rows[2] = ("00000002_000.png", "Hernia ", "3 ")
     images, table = _small_set(synth_dir, tmp_path, rows)
     shards = tmp_path / "shards"
-    write_shards(images, table, ShardConfig(out=str(shards), shard_size=8, val_fraction=0.2, test_fraction=0.2))
+    write_shards(ShardInput(images, table), ShardConfig(out=str(shards), shard_size=8, val_fraction=0.2, test_fraction=0.2))
     labels, splits = _shard_labels(shards)
-    index = {name: C.CLASS_NAMES.index(name) for name in C.CLASS_NAMES}
+    index = {name: nih.CLASSES.index(name) for name in nih.CLASSES}
     assert labels["00000000_000.png"][[index["Effusion"], index["Mass"]]].tolist() == [1, 1]
     assert labels["00000001_000.png"][index["Cardiomegaly"]] == 1
     assert labels["00000002_000.png"][index["Hernia"]] == 1
@@ -120,17 +121,17 @@ def test_a_complete_shard_set_survives_a_failed_rerun(synth_dir, tmp_path):
     images, labels = tmp_path / "images", synth_dir / "Data_Entry_2017.csv"
     shutil.copytree(synth_dir / "images_001", images)
     out = tmp_path / "shards"
-    write_shards(images, labels, ShardConfig(out=str(out), shard_size=16))
+    write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=16))
     before = _tree(out)
     victim = sorted(images.rglob("*.png"))[3]
     victim.write_bytes(b"broken")  # same names, so the plan changes only through the image's size
     with pytest.raises(CxrFastError, match="complete shard set made with other settings or data"):
-        write_shards(images, labels, ShardConfig(out=str(out), shard_size=16))
+        write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=16))
     with pytest.raises(CxrFastError, match="complete shard set"):
-        write_shards(images, labels, ShardConfig(out=str(out), shard_size=8))
+        write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=8))
     assert _tree(out) == before and verify(out) == []
     with pytest.raises(CxrFastError, match=victim.name):
-        write_shards(images, labels, ShardConfig(out=str(out), shard_size=8), overwrite=True)
+        write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=8), overwrite=True)
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
 
 
@@ -299,7 +300,7 @@ def test_full_disk_and_blocked_output_are_clear_errors(synth_dir, tmp_path, monk
                    "--out", blocked])
     assert result.exit_code == 2 and "is a file" in result.output
     with pytest.raises(CxrFastError, match=f"{blocked} is a file, not a folder"):
-        write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv", ShardConfig(out=str(blocked)))
+        write_shards(ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"), ShardConfig(out=str(blocked)))
 
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -25,7 +25,7 @@ from cxr_fast.data import dicom as dicom_module
 from cxr_fast.data import source as source_module
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 from cxr_fast.errors import BadInput, CxrFastError
 
 TINY_FLAGS = ["--model", "convnext_atto", "--no-pretrained", "--image-size", "64", "--workers", "0"]
@@ -122,15 +122,15 @@ def test_shard_files_no_manifest_describes_are_never_replaced(synth_dir, tmp_pat
 def test_a_failing_overwrite_keeps_the_old_set_readable_and_a_good_one_swaps_it(synth_dir, tmp_path):
     images, labels = synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"
     out = tmp_path / "out"
-    write_shards(images, labels, ShardConfig(out=str(out), shard_size=16))
+    write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=16))
     before = _tree(out)
     broken = tmp_path / "images"
     shutil.copytree(images, broken)
     next(broken.rglob("*.png")).write_bytes(b"not an image")
     with pytest.raises(CxrFastError, match="not a PNG, JPEG or DICOM file"):
-        write_shards(broken, labels, ShardConfig(out=str(out), shard_size=8), overwrite=True)
+        write_shards(ShardInput(broken, labels), ShardConfig(out=str(out), shard_size=8), overwrite=True)
     assert _tree(out) == before and verify(out, deep=True) == []
-    manifest = write_shards(images, labels, ShardConfig(out=str(out), shard_size=8), overwrite=True)
+    manifest = write_shards(ShardInput(images, labels), ShardConfig(out=str(out), shard_size=8), overwrite=True)
     assert manifest["config"]["shard_size"] == 8 and verify(out, deep=True) == []
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
 
@@ -157,7 +157,7 @@ def test_bad_dicom_headers_are_skipped_like_unreadable_images(synth_dir, tmp_pat
         ds.save_as(images / name, enforce_file_format=True)
     pd.DataFrame(rows, columns=["Image Index", "Finding Labels", "Patient ID"]).to_csv(tmp_path / "t.csv",
                                                                                          index=False)
-    manifest = write_shards(images, tmp_path / "t.csv", ShardConfig(out=str(tmp_path / "s"), on_error="skip",
+    manifest = write_shards(ShardInput(images, tmp_path / "t.csv"), ShardConfig(out=str(tmp_path / "s"), on_error="skip",
                                                                     shard_size=4, val_fraction=0.2))
     skipped = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == {"im00.dcm", "im01.dcm", "im02.dcm"}, skipped
@@ -173,7 +173,7 @@ def test_dicom_files_named_by_uid_are_found(synth_dir, tmp_path):
         write_dicom(images / name, pixels)
     pd.DataFrame({"Image Index": names, "Finding Labels": "No Finding", "Patient ID": [str(i) for i in range(10)]}
                  ).to_csv(tmp_path / "t.csv", index=False)
-    manifest = write_shards(images, tmp_path / "t.csv", ShardConfig(out=str(tmp_path / "s"), val_fraction=0.2))
+    manifest = write_shards(ShardInput(images, tmp_path / "t.csv"), ShardConfig(out=str(tmp_path / "s"), val_fraction=0.2))
     assert manifest["rows_without_image"] == 0 and sum(s["images"] for s in manifest["splits"].values()) == 10
 
 
@@ -248,15 +248,16 @@ def test_an_empty_or_linked_member_is_named(synth_shards, tmp_path, kind):
 
 # 4 ------------------------------------------------------------------------------------ metadata read as written
 def test_ages_and_sexes_are_read_as_written_and_what_is_lost_is_counted(synth_dir, tmp_path):
-    from cxr_fast.data.labels import demographics, unusable_demographics
+    from cxr_fast.data.labels import people, unusable_values
 
     table = pd.DataFrame({"Patient Age": ["058Y", "045M", "12D", "-5", "414", "60", "", "3W"],
                           "Patient Gender": ["M", "male", "Female", "x", "F", "WOMAN", "", "m"]})
-    people = demographics(table)
-    np.testing.assert_allclose(people["age"].to_numpy()[:3], [58, 3.75, 12 / 365.25])
-    assert people["age"].isna().tolist() == [False, False, False, True, True, False, True, False]
-    assert people["sex"].tolist() == ["M", "M", "F", None, "F", "F", None, "M"]
-    report = unusable_demographics(table, people)
+    given = {"age": table["Patient Age"], "sex": table["Patient Gender"]}
+    parsed = people(given["age"], given["sex"], None, len(table))
+    np.testing.assert_allclose(parsed["age"].to_numpy()[:3], [58, 3.75, 12 / 365.25])
+    assert parsed["age"].isna().tolist() == [False, False, False, True, True, False, True, False]
+    assert parsed["sex"].tolist() == ["M", "M", "F", None, "F", "F", None, "M"]
+    report = unusable_values(given, parsed)
     assert report == {"age": {"count": 2, "examples": ["-5", "414"]}, "sex": {"count": 1, "examples": ["x"]}}
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.metrics import (average_precision, best_f1_threshold, bootstrap_auc_intervals, confusion_stats,
                               per_class_report, roc_auc)
 
@@ -38,8 +38,8 @@ def test_best_f1_threshold_is_the_argmax_over_thresholds():
 def test_undefined_class_is_reported_not_a_crash():
     rng = np.random.default_rng(3)
     y = (rng.random((50, 14)) < 0.3).astype(float)
-    y[:, C.CLASS_NAMES.index("Hernia")] = 0
-    report = per_class_report(y, rng.random((50, 14)), np.full(14, 0.5), groups=np.arange(50) // 2, n_boot=50)
+    y[:, nih.CLASSES.index("Hernia")] = 0
+    report = per_class_report(y, rng.random((50, 14)), np.full(14, 0.5), list(nih.CLASSES), groups=np.arange(50) // 2, n_boot=50)
     hernia = report["classes"]["Hernia"]
     assert np.isnan(hernia["auroc"]) and "no positive images" in hernia["undefined"]
     assert len(report["classes"]) == 14 and np.isfinite(report["macro"]["auroc"])

@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cxr_fast.data.datasets import nih
 from cxr_fast.bench.machine import machine  # noqa: E402
 from cxr_fast.config import ShardConfig, SynthConfig  # noqa: E402
 from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
-from cxr_fast.data.writer import write_shards  # noqa: E402
+from cxr_fast.data.writer import ShardInput, write_shards  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # Kernel classes of a ConvNeXt training step, by substrings of the kernel names (checked in this order).
@@ -73,7 +74,7 @@ def make_data(work: Path, size: dict, record: Recorder) -> dict[str, Path]:
     shards = {}
     for name, settings in variants.items():
         shards[name] = work / f"shards-{name}"
-        write_shards(work / "synth", table, ShardConfig(out=str(shards[name]), shard_size=256,
+        write_shards(ShardInput(work / "synth", table), ShardConfig(out=str(shards[name]), shard_size=256,
                                                         workers=size["workers"], **settings))
     record("data", images=size["images"], source_size=size["source"], seconds=time.perf_counter() - started,
            shards={k: str(v) for k, v in shards.items()})
@@ -117,12 +118,12 @@ def profile_steps(compiled: bool, size: dict) -> dict:
     state, _model = trainer(run, device)
     spec = LoaderSpec("", "train", run.data, batch_size=size["micro_batch"], device=device)
     warmup, steps = 3, size["profile_steps"]
-    train_one_epoch(state, SyntheticLoader(spec, warmup, C.NUM_CLASSES), warmup, show_progress=False)
+    train_one_epoch(state, SyntheticLoader(spec, warmup, len(nih.CLASSES)), warmup, show_progress=False)
     state.batch_in_epoch = 0
     activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         started = time.perf_counter()
-        stats = train_one_epoch(state, SyntheticLoader(spec, steps, C.NUM_CLASSES), steps, show_progress=False)
+        stats = train_one_epoch(state, SyntheticLoader(spec, steps, len(nih.CLASSES)), steps, show_progress=False)
         wall = time.perf_counter() - started
     times = {}
     for event in prof.key_averages():

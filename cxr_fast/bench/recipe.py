@@ -15,7 +15,6 @@ import time
 import numpy as np
 import torch
 
-from cxr_fast import constants as C
 from cxr_fast.bench.flops import training_flops_per_image
 from cxr_fast.bench.machine import device_peak, machine
 from cxr_fast.bench.train import trainer
@@ -44,7 +43,7 @@ def _measure_side(state, run: RunConfig, side: int, config: BenchRecipeConfig) -
     accum = run.optim.accum
     batches = (config.warmup + config.steps) * accum
     loader = SyntheticLoader(LoaderSpec("", "train", data, batch_size=run.optim.batch_size, device=state.device),
-                             batches, C.NUM_CLASSES)
+                             batches, len(state.classes))
     state.batch_in_epoch = 0  # each side is an epoch of its own
     stats = train_one_epoch(state, loader, batches, show_progress=False, warmup_steps=config.warmup)
     rate = stats.timed_images / stats.timed_seconds
@@ -59,9 +58,9 @@ def _measure_eval(state, run: RunConfig, config: BenchRecipeConfig) -> dict:
     """One evaluation pass at the full side with the trainer's evaluation batch (the first batch warms it up)."""
     batch = run.optim.batch_size * EVAL_BATCH_FACTOR
     spec = LoaderSpec("", "val", run.data, batch_size=batch, device=state.device)
-    evaluate(state.model, SyntheticLoader(spec, 1, C.NUM_CLASSES), state.loss_fn, state.amp_dtype, False)
+    evaluate(state.model, SyntheticLoader(spec, 1, len(state.classes)), state.loss_fn, state.amp_dtype, False)
     synchronize(state.device)
-    loader = SyntheticLoader(spec, config.eval_batches, C.NUM_CLASSES)
+    loader = SyntheticLoader(spec, config.eval_batches, len(state.classes))
     started = time.perf_counter()
     result = evaluate(state.model, loader, state.loss_fn, state.amp_dtype, False)
     seconds = time.perf_counter() - started  # evaluate ends with the transfer of its results: the device is done

@@ -9,12 +9,12 @@ import click
 
 from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
 from cxr_fast.config import DataConfig, PreviewConfig, RunConfig, ShardConfig, SynthConfig
+from cxr_fast.data.datasets import DATASETS, Request, read_dataset
 from cxr_fast.data.eda import write_eda_report
-from cxr_fast.data.labels import read_label_table
 from cxr_fast.data.preview import write_preview
 from cxr_fast.data.synth import write_synthetic_dataset
 from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -22,37 +22,56 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@config_options(SynthConfig, "n_images", "source_size", "seed", "workers")
+@config_options(SynthConfig, "layout", "n_images", "source_size", "seed", "workers")
 @config_file_option(SynthConfig)
 def synth(out: Path, **settings) -> None:
-    """Write a synthetic data set in the NIH layout (PNGs, Data_Entry_2017.csv, split lists).
+    """Write a synthetic data set in the layout of NIH (PNGs, Data_Entry_2017.csv, split lists), CheXpert
+    (CheXpert-v1.0-small/ with train.csv, valid.csv and JPEGs) or MIMIC-CXR-JPG (files/pNN/..., the chexpert,
+    metadata and split tables, patients.csv.gz).
 
-    Each finding draws a pattern of its own, so a small CNN can learn it: the demo and the tests use this.
+    Each finding draws a pattern of its own, so a small CNN can learn it: the demo and the tests use this. The
+    output says which --images and --labels to give `cxr-fast shard`.
     """
-    table = write_synthetic_dataset(out, build_config(SynthConfig, settings))
-    click.echo(f"labels: {table}\nimages: {table.parent}")
+    config = build_config(SynthConfig, settings)
+    labels = write_synthetic_dataset(out, config)
+    click.echo(f"dataset: {config.layout}\nlabels: {labels}\nimages: {out}")
 
 
 @click.command()
-@click.option("--images", type=EXISTING_FOLDER, required=True,
-              help="Folder searched recursively for the images (NIH: images_001/images/...).")
-@click.option("--labels", type=EXISTING_FILE, required=True, help="Data_Entry_2017.csv (or .csv.gz).")
+@click.option("--dataset", "datasets", type=click.Choice(list(DATASETS)), multiple=True,
+              help="The data set's description (default nih); repeat, with --images and --labels for each in the "
+                   "same order, to merge several on the union of their classes.")
+@click.option("--images", type=EXISTING_FOLDER, required=True, multiple=True,
+              help="NIH: the folder searched for the images; CheXpert: the one holding CheXpert-v1.0-small/; "
+                   "MIMIC-CXR-JPG: the one holding files/; table: the one the image paths are relative to.")
+@click.option("--labels", type=EXISTING_FILE, required=True, multiple=True,
+              help="NIH: Data_Entry_2017.csv; CheXpert: train.csv (valid.csv beside it); MIMIC-CXR-JPG: "
+                   "mimic-cxr-2.0.0-chexpert.csv.gz (metadata and split beside it); table: the table.")
+@click.option("--spec", type=EXISTING_FILE, help="--dataset table: the YAML naming its columns (README).")
 @config_option(ShardConfig, "out", type=click.Path(file_okay=False))
 @click.option("--test-list", type=EXISTING_FILE,
               help="Official test_list.txt (default: the one beside --labels, if any).")
 @click.option("--train-val-list", type=EXISTING_FILE,
               help="Official train_val_list.txt (default: the one beside --labels, if any).")
-@config_options(ShardConfig, "val_fraction", "test_fraction", "shard_size", "encoding", "jpeg_quality", "resize",
-                "seed", "on_error", "max_pixels", "workers")
+@config_options(ShardConfig, "uncertain", "blank", "views", "val_fraction", "test_fraction", "shard_size", "encoding",
+                "jpeg_quality", "resize", "seed", "on_error", "max_pixels", "workers")
 @click.option("--overwrite", is_flag=True, help="Replace a complete shard set in --out made with other settings.")
 @config_file_option(ShardConfig)
-def shard(images, labels, test_list, train_val_list, overwrite, **settings) -> None:
-    """Pack images into WebDataset shards with a patient-level split, DALI indexes and manifest.json.
+def shard(datasets, images, labels, spec, test_list, train_val_list, overwrite, **settings) -> None:
+    """Pack one or more data sets into WebDataset shards with a patient-level split, DALI indexes and
+    manifest.json.
 
     Re-running the same command skips shards that are already complete and correct.
     """
+    datasets = datasets or ("nih",)
+    if not len(datasets) == len(images) == len(labels):
+        raise click.UsageError(f"give --images and --labels once per --dataset ({len(datasets)} data set(s), "
+                               f"{len(images)} --images, {len(labels)} --labels)")
     config = build_config(ShardConfig, settings)
-    manifest = write_shards(images, labels, config, (test_list, train_val_list), overwrite)
+    lists = (test_list, train_val_list)
+    inputs = [ShardInput(folder, table, name, spec if name == "table" else None, lists if name == "nih" else (None, None))
+              for name, folder, table in zip(datasets, images, labels)]
+    manifest = write_shards(inputs, config, overwrite)
     counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
                        for name, s in manifest["splits"].items())
     click.echo(f"{config.out}: {counts}; {len(manifest['skipped'])} skipped; "
@@ -73,11 +92,14 @@ def verify_command(shards_dir: Path, deep: bool) -> None:
 
 
 @click.command()
-@click.option("--labels", type=EXISTING_FILE, required=True)
+@click.option("--labels", type=EXISTING_FILE, required=True, help="The data set's label table (as for shard).")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), help="The description that reads it (default nih).")
+@click.option("--spec", type=EXISTING_FILE, help="--dataset table: the YAML naming its columns.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def eda(labels: Path, out: Path) -> None:
+def eda(labels: Path, dataset: str, spec: Path | None, out: Path) -> None:
     """Exploratory report of a label table: prevalence, co-occurrence, demographics."""
-    path = write_eda_report(read_label_table(labels), out, str(labels))
+    table = read_dataset(dataset or "nih", Request(labels.parent, labels, spec=spec))
+    path = write_eda_report(table, out, str(labels))
     click.echo(f"wrote {path}")
 
 

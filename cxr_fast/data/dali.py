@@ -1,4 +1,5 @@
-"""The DALI pipelines (train and eval): read → decode → gray → resize → CLAHE → augment.
+"""The DALI pipelines (train and eval): read → decode → gray → resize (padded to a square, or squashed) → CLAHE →
+augment.
 
 Built from `DataConfig` alone. `device_id=None` runs every operator on the CPU (tests, CPU-only machines); with a GPU
 id JPEG decodes on the GPU ('mixed'), PNG decodes on the CPU (as DALI does) and everything after it runs on the GPU.
@@ -65,9 +66,10 @@ def _augment(images, config: DataConfig, fn):
     return images
 
 
-def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None):
+def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None, with_mask: bool = False):
     """A built DALI pipeline over `tars` for a `loader.LoaderSpec` (its data config, batch, train/eval, seed and rank),
-    with outputs (images uint8 HWC, labels uint8 (classes,), ids uint8 (64,)); device_id None keeps it on the CPU."""
+    with outputs (images uint8 HWC, labels uint8 (classes,), ids uint8 (64,), and with_mask: the stated-label mask
+    uint8 (classes,)); device_id None keeps it on the CPU."""
     fn, pipeline_def, types = import_dali()
     gpu, config, train = device_id is not None, spec.data, spec.train
     side = spec.side or config.image_size
@@ -75,15 +77,15 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None)
     @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, config.workers or 1), device_id=device_id,
                   seed=spec.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
     def cxr_pipeline():
-        ext = [image_ext, "labels", "id"] + (["shape"] if image_ext == "raw" else [])
+        extra = (["mask"] if with_mask else []) + (["shape"] if image_ext == "raw" else [])
         outputs = fn.readers.webdataset(
-            paths=tars, index_paths=[t[: -len(".tar")] + ".idx" for t in tars], ext=ext,
-            dtypes=[types.UINT8, types.UINT8, types.UINT8] + ([types.INT32] if image_ext == "raw" else []),
+            paths=tars, index_paths=[t[: -len(".tar")] + ".idx" for t in tars], ext=[image_ext, "labels", "id"] + extra,
+            dtypes=[types.UINT8] * (3 + with_mask) + ([types.INT32] if image_ext == "raw" else []),
             missing_component_behavior="error", random_shuffle=train, initial_fill=config.shuffle_buffer,
             shard_id=spec.rank, num_shards=spec.world_size, pad_last_batch=True, name=READER_NAME)
         encoded, labels, ids = outputs[:3]
         if image_ext == "raw":
-            images = fn.reshape(encoded, shape=outputs[3])
+            images = fn.reshape(encoded, shape=outputs[-1])
         else:
             # 'mixed' decodes JPEG with nvJPEG on the GPU; PNG still decodes on the host inside the same operator.
             decode = {"device": "mixed", "hw_decoder_load": config.hw_decoder_load} if gpu else {"device": "cpu"}
@@ -91,8 +93,12 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None)
         if gpu:
             images = images.gpu()
         # Cubic with antialiasing: within 1 gray level of OpenCV's INTER_AREA after CLAHE (linear is not).
-        images = fn.resize(images, size=[config.image_size, config.image_size], interp_type=types.INTERP_CUBIC,
-                           antialias=True)
+        full = [config.image_size, config.image_size]
+        if config.fit == "pad":  # the longer side to image_size, then centred on a black square: pad, then resize
+            images = fn.resize(images, size=full, mode="not_larger", interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop(images, crop=full, out_of_bounds_policy="pad", fill_values=0)
+        else:
+            images = fn.resize(images, size=full, interp_type=types.INTERP_CUBIC, antialias=True)
         images = fn.clahe(images, tiles_x=config.clahe_tiles, tiles_y=config.clahe_tiles,
                           clip_limit=config.clahe_clip_limit)
         if side != config.image_size:  # a progressive epoch: CLAHE at the full side, then down to this one (cubic
@@ -100,7 +106,10 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None)
             images = fn.resize(images, size=[side, side], interp_type=types.INTERP_CUBIC, antialias=True)
         if train:
             images = _augment(images, replace(config, image_size=side), fn)
-        return images, (labels.gpu() if gpu else labels), ids
+        def on_device(node):
+            return node.gpu() if gpu else node
+
+        return (images, on_device(labels), ids) + ((on_device(outputs[3]),) if with_mask else ())
 
     pipe = cxr_pipeline()
     pipe.build()

@@ -10,10 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on GPU nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from cxr_fast import constants as C  # noqa: E402
-from cxr_fast.data.labels import demographics, multi_hot  # noqa: E402
+from cxr_fast.data.datasets import SampleTable  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -22,42 +20,49 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def eda_statistics(table: pd.DataFrame) -> dict:
-    labels = multi_hot(table)
-    per_patient = table.groupby(C.COL_PATIENT).size()
+def eda_statistics(table: SampleTable) -> dict:
+    labels = _positives(table)
+    per_patient = table.frame.groupby("patient").size()
     return {
-        "images": len(table),
+        "images": len(table.frame),
         "patients": int(per_patient.size),
         "no_finding": int((labels.sum(axis=1) == 0).sum()),
-        "positives": {c: int(v) for c, v in zip(C.CLASS_NAMES, labels.sum(axis=0))},
+        "positives": {c: int(v) for c, v in zip(table.classes, labels.sum(axis=0))},
+        "stated": {c: int(v) for c, v in zip(table.classes, np.isfinite(table.labels).sum(axis=0))},
         "labels_per_image": np.bincount(labels.sum(axis=1)).tolist(),
         "images_per_patient_median": float(per_patient.median()),
         "images_per_patient_max": int(per_patient.max()),
     }
 
 
-def write_eda_report(table: pd.DataFrame, out: str | Path, source: str) -> Path:
-    """EDA of a label table: report.md with prevalence, co-occurrence, labels per image, images per patient, age,
-    sex and view position."""
+def _positives(table: SampleTable) -> np.ndarray:
+    """(images, classes) int: 1 where the label is stated positive."""
+    return (np.nan_to_num(table.labels, nan=0.0) > 0).astype(np.int64)
+
+
+def write_eda_report(table: SampleTable, out: str | Path, source: str) -> Path:
+    """EDA of a data set's labels: report.md with prevalence (among the images where each class is stated),
+    co-occurrence, labels per image, images per patient, age, sex and view position."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     stats = eda_statistics(table)
-    labels = multi_hot(table).astype(np.int64)
-    _plot_labels(stats, labels, out / "figures")
+    labels = _positives(table)
+    _plot_labels(stats, labels, table.classes, out / "figures")
     _plot_demographics(table, labels, out / "figures" / "demographics.png")
     n = stats["images"]
-    rows = "\n".join(f"| {c} | {stats['positives'][c]:,} | {stats['positives'][c] / n:.2%} |" for c in C.CLASS_NAMES)
+    rows = "\n".join(f"| {c} | {stats['positives'][c]:,} | {stats['stated'][c]:,} | "
+                     f"{stats['positives'][c] / max(stats['stated'][c], 1):.2%} |" for c in table.classes)
     report = f"""# Label table EDA
 
 Source: `{source}`
 
 - **{n:,} images** of **{stats['patients']:,} patients** (median {stats['images_per_patient_median']:.0f}, max
   {stats['images_per_patient_max']} images per patient): splits must be by patient.
-- **No Finding: {stats['no_finding']:,}** images ({stats['no_finding'] / n:.1%}), the all-zero label vector.
+- **No Finding: {stats['no_finding']:,}** images ({stats['no_finding'] / n:.1%}), without a positive label.
 - Findings per image (0, 1, 2, ...): {', '.join(f'{v:,}' for v in stats['labels_per_image'])}.
 
-| finding | images | prevalence |
-|---|---:|---:|
+| finding | images | stated in | prevalence |
+|---|---:|---:|---:|
 {rows}
 
 ![prevalence](figures/prevalence.png)
@@ -71,10 +76,10 @@ Source: `{source}`
     return path
 
 
-def _plot_labels(stats: dict, labels: np.ndarray, folder: Path) -> None:
+def _plot_labels(stats: dict, labels: np.ndarray, classes: tuple[str, ...], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    counts = np.array([stats["positives"][c] for c in C.CLASS_NAMES])
-    ax.barh(C.CLASS_NAMES[::-1], counts[::-1] / stats["images"] * 100)
+    counts = np.array([stats["positives"][c] / max(stats["stated"][c], 1) for c in classes])
+    ax.barh(classes[::-1], counts[::-1] * 100)
     ax.set_xlabel("% of images")
     ax.set_title("Prevalence per finding")
     _save(fig, folder / "prevalence.png")
@@ -82,28 +87,28 @@ def _plot_labels(stats: dict, labels: np.ndarray, folder: Path) -> None:
     co = labels.T @ labels
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     image = ax.imshow(np.log10(co + 1), cmap="viridis")
-    ax.set_xticks(range(C.NUM_CLASSES), C.CLASS_NAMES, rotation=90)
-    ax.set_yticks(range(C.NUM_CLASSES), C.CLASS_NAMES)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
     fig.colorbar(image, label="log10(images + 1)")
     ax.set_title("Co-occurrence (diagonal: images with the finding)")
     _save(fig, folder / "cooccurrence.png")
 
 
-def _plot_demographics(table: pd.DataFrame, labels: np.ndarray, path: Path) -> None:
+def _plot_demographics(table: SampleTable, labels: np.ndarray, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     per_image = labels.sum(axis=1)
     axes[0, 0].bar(range(per_image.max() + 1), np.bincount(per_image))
     axes[0, 0].set_title("Findings per image")
-    per_patient = table.groupby(C.COL_PATIENT).size()
+    frame = table.frame
+    per_patient = frame.groupby("patient").size()
     axes[0, 1].hist(per_patient, bins=np.arange(1, min(per_patient.max(), 60) + 2), log=True)
     axes[0, 1].set_title("Images per patient (log)")
-    if C.COL_AGE in table:
-        ages = demographics(table)["age"]
-        axes[0, 2].hist(ages.dropna(), bins=40)
+    if frame["age"].notna().any():
+        axes[0, 2].hist(frame["age"].dropna(), bins=40)
         axes[0, 2].set_title("Patient age (years)")
-    for ax, column in ((axes[1, 0], C.COL_SEX), (axes[1, 1], C.COL_VIEW)):
-        if column in table:
-            table[column].value_counts().plot.bar(ax=ax, rot=0)
+    for ax, column in ((axes[1, 0], "sex"), (axes[1, 1], "view")):
+        if frame[column].notna().any():
+            frame[column].value_counts().plot.bar(ax=ax, rot=0)
             ax.set_title(column)
     axes[1, 2].axis("off")
     _save(fig, path)

@@ -7,7 +7,8 @@
   than OpenCV's (benchmarks/RESULTS.md).
 
 Both yield `Batch(images, targets, keys)`: images (N, C, H, W) float, channels-last, on the target device; targets
-(N, 14) float; keys the image names. Both give rank r of k the same samples, [floor(r n / k), floor((r+1) n / k))
+(N, classes) float, NaN where the label is not stated (the sample's mask; format 2 shards state every label); keys
+the image names. Both give rank r of k the same samples, [floor(r n / k), floor((r+1) n / k))
 of the split in manifest order (DALI's reader sharding), so every sample is seen exactly once per epoch, and
 `len(loader)` is the number of batches this rank yields. The torch loader cuts its rank's range into contiguous
 whole-batch runs, one per worker, so each worker reads only its part of the tars and only the last batch is short.
@@ -28,7 +29,7 @@ import torch
 from cxr_fast.config import DataConfig
 from cxr_fast.data.sample import decode_id, decode_image
 from cxr_fast.data.dali import READER_NAME, build_pipeline
-from cxr_fast.data.reader import load_manifest, split_shards
+from cxr_fast.data.reader import has_mask, load_manifest, split_shards
 from cxr_fast.data.tario import walk_tar
 from cxr_fast.data.transforms import normalize as normalize_images
 from cxr_fast.data.transforms import process_gray
@@ -93,9 +94,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """Whole batches of one rank's samples for the DataLoader: worker w of W takes batches [w nb / W, (w+1) nb / W)
     of the rank's nb batches, a contiguous run of samples, and reads only the tars (and members) it overlaps."""
 
-    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec):
+    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec, masked: bool):
         super().__init__()
-        self.tars, self.lo, self.hi, self.batch_size = tars, lo, hi, spec.batch_size
+        self.tars, self.lo, self.hi, self.batch_size, self.masked = tars, lo, hi, spec.batch_size, masked
         self.config, self.train, self.seed, self.side = spec.data, spec.train, spec.seed, spec.side
 
     def _range(self, worker: int, workers: int) -> tuple[int, int]:
@@ -134,10 +135,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             try:
                 gray = decode_image(sample)
                 label = np.frombuffer(sample["labels"], np.uint8)
+                if self.masked:  # float labels, NaN where not stated; format 2 samples state every label
+                    label = np.where(np.frombuffer(sample["mask"], np.uint8) > 0, label, np.nan)
             except (ValueError, KeyError) as error:
                 raise CxrFastError(f"sample {key}: {error}") from None
             images.append(process_gray(gray, self.config, rng, self.side))
-            labels.append(label)
+            labels.append(label.astype(np.float32))
             keys.append(key)
             if len(keys) == self.batch_size:
                 yield _collate(images, labels, keys)
@@ -169,17 +172,21 @@ class _Loader:
     def __len__(self):
         return self.batches
 
-    def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> Batch:
+    def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str],
+               mask: torch.Tensor | None = None) -> Batch:
         images = images_u8.to(self.device, non_blocking=True)
         images = normalize_images(images, self.config.in_chans) if self.normalize else images
-        return Batch(images, labels.to(self.device, non_blocking=True).float(), keys)
+        targets = labels.to(self.device, non_blocking=True).float()
+        if mask is not None:
+            targets = targets.masked_fill(mask.to(self.device, non_blocking=True) == 0, float("nan"))
+        return Batch(images, targets, keys)
 
 
 class TorchLoader(_Loader):
-    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec):
+    def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec, masked: bool):
         super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
         workers = min(spec.data.workers, self.batches)  # no idle workers
-        dataset = ShardDataset(tars, lo, hi, spec)
+        dataset = ShardDataset(tars, lo, hi, spec, masked)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None, worker_init_fn=_init_worker,
@@ -197,19 +204,21 @@ class TorchLoader(_Loader):
 
 # -------------------------------------------------------------------------------------------------------- DALI
 class DaliLoader(_Loader):
-    def __init__(self, tars: list[Path], image_ext: str, total: int, spec: LoaderSpec):
+    def __init__(self, tars: list[Path], manifest: dict, spec: LoaderSpec):
         # DALI is imported only when this loader is asked for: the CLI and the torch loader work without it.
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        lo, hi = rank_range(total, spec.rank, spec.world_size)
+        lo, hi = rank_range(manifest["splits"][spec.split]["images"], spec.rank, spec.world_size)
         super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
+        self.outputs = ["images", "labels", "ids"] + (["mask"] if has_mask(manifest) else [])
         device = self.device
         on_gpu = device.type == "cuda" and not spec.dali_cpu
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
         try:
-            self.pipe = build_pipeline([str(t) for t in tars], image_ext, spec, device_id)
+            self.pipe = build_pipeline([str(t) for t in tars], manifest["image_ext"], spec, device_id,
+                                       has_mask(manifest))
             # PARTIAL with padded shards: every sample exactly once per epoch, no duplicates from the padding.
-            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "ids"], reader_name=READER_NAME,
+            self.iterator = DALIGenericIterator(self.pipe, self.outputs, reader_name=READER_NAME,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         except RuntimeError as error:
             raise CxrFastError(f"DALI cannot read the shards: {_dali_reason(error)}") from None
@@ -222,7 +231,7 @@ class DaliLoader(_Loader):
                     continue
                 # HWC batch viewed as NCHW: channels-last strides, no copy.
                 yield self._batch(out["images"].permute(0, 3, 1, 2), out["labels"],
-                                  [decode_id(row) for row in out["ids"].numpy()])
+                                  [decode_id(row) for row in out["ids"].numpy()], out.get("mask"))
         except RuntimeError as error:
             raise CxrFastError(f"DALI failed while reading the shards: {_dali_reason(error)}") from None
 
@@ -249,10 +258,10 @@ def create_loader(spec: LoaderSpec):
     if lo == hi:
         raise CxrFastError(f"split {spec.split!r} has {total} images, too few for {spec.world_size} ranks")
     if resolve_loader(spec.loader, torch.device(spec.device)) == "dali":
-        return DaliLoader(tars, manifest["image_ext"], total, spec)
+        return DaliLoader(tars, manifest, spec)
     names = manifest["splits"][spec.split]["shards"]
     counts = [(str(tar), manifest["shards"][name]["samples"]) for tar, name in zip(tars, names)]
-    return TorchLoader(counts, lo, hi, spec)
+    return TorchLoader(counts, lo, hi, spec, has_mask(manifest))
 
 
 class SyntheticLoader:

@@ -11,7 +11,8 @@ import pandas as pd
 from cxr_fast.errors import CxrFastError
 
 MANIFEST = "manifest.json"
-SHARD_FORMAT_VERSION = 2  # 2: each sample's age, sex, view and follow-up; demographics per split
+SHARD_FORMAT_VERSION = 3  # 3: a mask of stated labels per sample, the data set of each; 2: age, sex, view
+READABLE_FORMATS = (2, 3)  # format 2 reads as every label stated
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
@@ -22,11 +23,16 @@ def load_manifest(shards_dir: str | Path) -> dict:
         raise CxrFastError(f"no {MANIFEST} in {shards_dir}: is this a folder written by `cxr-fast shard`?") from None
     except (OSError, ValueError) as error:
         raise CxrFastError(f"cannot read {path}: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != SHARD_FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CxrFastError(f"{path}: shard format {version}, this version reads {SHARD_FORMAT_VERSION} (which adds "
-                           "each sample's age, sex and view for the subgroup audit); re-run `cxr-fast shard`")
+        raise CxrFastError(f"{path}: shard format {version}, this version reads {' and '.join(map(str, READABLE_FORMATS))}"
+                           " (2 adds each sample's age, sex and view for the subgroup audit); re-run `cxr-fast shard`")
     return manifest
+
+
+def has_mask(manifest: dict) -> bool:
+    """Whether samples carry a `.mask` component (format 3 on); without one every label is stated."""
+    return manifest["format_version"] >= 3
 
 
 def split_shards(shards_dir: str | Path, split: str, manifest: dict | None = None) -> list[Path]:
@@ -59,10 +65,13 @@ def check_unique_keys(manifest: dict, split: str, shards_dir: str | Path) -> Non
 
 
 def sample_table(manifest: dict, split: str) -> pd.DataFrame:
-    """One row per sample of a split, indexed by key: image_index, patient_id, age, sex, view; from the manifest."""
+    """One row per sample of a split, indexed by key: image_index, patient_id, age, sex, view, dataset; from the
+    manifest (format 2 names no data set: its samples are NIH's)."""
     rows = []
     for name in manifest["splits"][split]["shards"]:
         record = manifest["shards"][name]
+        datasets = record.get("dataset") or ["nih"] * len(record["keys"])
         rows += zip(record["keys"], record["image_index"], record["patients"], record["age"], record["sex"],
-                    record["view"])
-    return pd.DataFrame(rows, columns=["key", "image_index", "patient_id", "age", "sex", "view"]).set_index("key")
+                    record["view"], datasets)
+    return pd.DataFrame(rows, columns=["key", "image_index", "patient_id", "age", "sex", "view", "dataset"]
+                        ).set_index("key")

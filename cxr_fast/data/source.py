@@ -51,12 +51,13 @@ def image_files(folder: Path, exclude: Path | None = None) -> Iterator[Path]:
 
 @dataclass
 class SourceImage:
-    """A source image as the pipeline reads it: 8-bit gray, the file's bytes, whether those already are an 8-bit gray
-    PNG (then shards copy them), what identifies it (DICOM UIDs, view, modality, body part) and warnings."""
+    """A source image as the pipeline reads it: 8-bit gray, the file's bytes, the shard encoding those bytes already
+    are (png: an 8-bit gray PNG; jpeg: a JPEG without an EXIF turn; None: neither; shards then copy them), what
+    identifies it (DICOM UIDs, view, modality, body part) and warnings."""
 
     gray: np.ndarray
     data: bytes
-    is_gray_png: bool
+    stored_as: str | None
     meta: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -107,7 +108,7 @@ def read_gray(path: Path, max_pixels: int | None = None) -> SourceImage:
         raise BadInput(path, f"unreadable ({error.strerror})") from None
     if looks_like_dicom(path, data[:132]):
         gray, meta = read_dicom_source(path, max_pixels)
-        return SourceImage(gray, data, False, meta)
+        return SourceImage(gray, data, None, meta)
     size = image_dimensions(data)
     if size is None:
         what = "not a decodable image (a PNG or JPEG header without a readable size)" if \
@@ -123,5 +124,8 @@ def read_gray(path: Path, max_pixels: int | None = None) -> SourceImage:
         raise BadInput(path, f"not decodable ({str(error).strip().splitlines()[-1][:200]})") from None
     if image is None:
         raise BadInput(path, "not a decodable image (truncated or not an image file)")
-    is_gray_png = data[:8] == PNG_SIGNATURE and image.dtype == np.uint8 and image.ndim == 2
-    return SourceImage(to_gray8(image, path), data, is_gray_png)
+    if data[:8] == PNG_SIGNATURE:
+        stored_as = "png" if image.dtype == np.uint8 and image.ndim == 2 else None
+    else:  # every decoder shows an EXIF-free JPEG the same way; with EXIF only OpenCV would turn it
+        stored_as = None if b"Exif\x00\x00" in data[:65536] else "jpeg"
+    return SourceImage(to_gray8(image, path), data, stored_as)

@@ -1,7 +1,8 @@
 """Patient-level train/val/test splits: never one patient in two splits.
 
-With NIH's official lists the test split is theirs and validation is carved out of train_val by patient. Without
-them, test and validation are both carved out by patient. Carving is stratified at patient level (a greedy form of
+A data set's official split is kept (NIH's test list, CheXpert's valid.csv as test, MIMIC-CXR-JPG's three splits);
+what it leaves open is carved out by patient: validation out of train_val, validation and test out of a data set
+without a split. Carving is stratified at patient level (a greedy form of
 iterative stratification, Sechidis et al. 2011): patients are placed rarest finding first, each into the split that
 still lacks most of that finding, so rare classes such as Hernia (227 of 112,120 images) have positives in every split.
 """
@@ -13,7 +14,8 @@ import pandas as pd
 
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.labels import age_band, demographics, multi_hot
+from cxr_fast.data.datasets.base import SPLIT_MARKS, SampleTable
+from cxr_fast.data.labels import age_band
 
 
 def carve_by_patient(
@@ -60,44 +62,30 @@ def carve_by_patient(
     return assignment
 
 
-def plan_split(
-    table: pd.DataFrame,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    test_list: list[str] | None = None,
-    train_val_list: list[str] | None = None,
-) -> pd.Series:
-    """Split name for every row of a validated label table (index aligned with `table`).
-
-    With `test_list` the test split is exactly those images; `val_fraction` is then a fraction of train_val.
-    Rows in neither official list get the split name "" (reported, not sharded).
-    """
+def plan_split(table: SampleTable, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> pd.Series:
+    """The split of every row of a sample table (index aligned with its frame), from its official marks: train, val
+    and test stay; validation is carved out of train_val by patient; validation and test out of pool; "" stays out.
+    Labels not stated count as negative for the stratification."""
     for name, value in (("val fraction", val_fraction), ("test fraction", test_fraction)):
         if not 0 <= value < 1:
             raise CxrFastError(f"{name} must be in [0, 1), got {value}")
-    labels = multi_hot(table)
-    patients = table[C.COL_PATIENT].to_numpy()
-    images = table[C.COL_IMAGE]
-    split = pd.Series("", index=table.index, dtype=object)
-
-    if test_list is not None:
-        in_test = images.isin(set(test_list))
-        in_train_val = images.isin(set(train_val_list)) if train_val_list is not None else ~in_test
-        both = in_test & in_train_val
-        if both.any():
-            raise CxrFastError(f"image {images[both].iloc[0]} is in both the test list and the train_val list")
-        split[in_test] = "test"
-        pool = in_train_val.to_numpy()
-        fractions = {"train": 1 - val_fraction, "val": val_fraction}
-    else:
-        pool = np.ones(len(table), dtype=bool)
-        if val_fraction + test_fraction >= 1:
+    marks = table.frame["split"].to_numpy()
+    unknown = set(marks) - set(SPLIT_MARKS)
+    if unknown:
+        raise CxrFastError(f"{table.dataset}: unknown split mark(s) {sorted(unknown)}")
+    labels = np.nan_to_num(table.labels, nan=0.0).astype(np.uint8)
+    patients = table.frame["patient"].to_numpy()
+    split = pd.Series(np.where(np.isin(marks, C.SPLITS), marks, ""), index=table.frame.index, dtype=object)
+    carve = {"train_val": {"train": 1 - val_fraction, "val": val_fraction},
+             "pool": {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}}
+    for mark, fractions in carve.items():
+        pool = marks == mark
+        if not pool.any():
+            continue
+        if mark == "pool" and val_fraction + test_fraction >= 1:
             raise CxrFastError("val fraction + test fraction must be < 1")
-        fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
-
-    assignment = carve_by_patient(patients[pool], labels[pool], fractions, seed)
-    split[pool] = [assignment[p] for p in patients[pool]]
+        assignment = carve_by_patient(patients[pool], labels[pool], fractions, seed)
+        split[pool] = [assignment[p] for p in patients[pool]]
     check_patient_disjoint(patients, split.to_numpy())
     return split
 
@@ -114,21 +102,26 @@ def check_patient_disjoint(patients: np.ndarray, split: np.ndarray) -> None:
         )
 
 
-def split_summary(table: pd.DataFrame, split: pd.Series) -> dict[str, dict]:
-    """Per split: images, patients, positives and prevalence per class, and the demographics (sex, age band, view
-    position, age), as a reporting checklist (CLAIM) asks of each partition."""
-    labels, people = multi_hot(table), demographics(table)
+def split_summary(table: SampleTable, split: pd.Series) -> dict[str, dict]:
+    """Per split: images, patients, per class the images where it is stated, positives and prevalence among them,
+    and the demographics (sex, age band, view position, age), as a reporting checklist (CLAIM) asks of each
+    partition; with several data sets, the images of each."""
+    people = table.frame[["age", "sex", "view"]].copy()
     people["age_band"] = people["age"].map(age_band)
+    datasets = table.frame["dataset"] if "dataset" in table.frame else pd.Series(table.dataset, index=people.index)
     summary = {}
     for name in C.SPLITS:
         mask = (split == name).to_numpy()
         count = int(mask.sum())
-        positives = labels[mask].sum(axis=0)
+        stated = np.isfinite(table.labels[mask]).sum(axis=0)
+        positives = np.nansum(table.labels[mask], axis=0)
         summary[name] = {
             "images": count,
-            "patients": int(table.loc[mask, C.COL_PATIENT].nunique()),
-            "positives": {c: int(v) for c, v in zip(C.CLASS_NAMES, positives)},
-            "prevalence": {c: (float(v) / count if count else 0.0) for c, v in zip(C.CLASS_NAMES, positives)},
+            "patients": int(table.frame.loc[mask, "patient"].nunique()),
+            "datasets": {str(k): int(v) for k, v in datasets[mask].value_counts(sort=False).items()},
+            "stated": {c: int(v) for c, v in zip(table.classes, stated)},
+            "positives": {c: int(v) for c, v in zip(table.classes, positives)},
+            "prevalence": {c: (float(p) / n if n else 0.0) for c, p, n in zip(table.classes, positives, stated)},
             "demographics": _demographics(people[mask]),
         }
     return summary

@@ -1,6 +1,7 @@
-"""A synthetic data set in the NIH ChestX-ray14 layout, with a visual signal per finding that a small CNN can learn.
+"""A synthetic data set, with a visual signal per finding that a small CNN can learn, in the layout of NIH
+ChestX-ray14 (here), CheXpert or MIMIC-CXR-JPG (`synth_layouts.py`, from the same drawn images and labels).
 
-Layout written below DIR (as NIH ships it):
+NIH layout written below DIR (as NIH ships it):
   DIR/Data_Entry_2017.csv            the label table, NIH columns (the only CSV at DIR's top level)
   DIR/train_val_list.txt, test_list.txt   official-style split lists, patient-disjoint
   DIR/images_001/images/<patient>_<follow-up>.png   8-bit grayscale PNGs
@@ -23,13 +24,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cxr_fast import constants as C
+from dataclasses import dataclass
+
 from cxr_fast.config import SynthConfig
-from cxr_fast.data.labels import format_finding_labels
+from cxr_fast.data.datasets import nih
 
 log = logging.getLogger(__name__)
 
-LABEL_TABLE_NAME = "Data_Entry_2017.csv"
+LABEL_TABLE_NAME = nih.LABEL_TABLE_NAME
+CLASSES = nih.CLASSES  # the painter's findings
 IMAGES_SUBDIR = "images_001/images"
 # Findings that often come together in the real table (Effusion with Atelectasis or Infiltration, Edema with
 # Effusion, ...): after the first finding of an image, these partners are three times as likely.
@@ -49,21 +52,21 @@ FINDINGS_PER_IMAGE = {1: 0.6, 2: 0.27, 3: 0.1, 4: 0.03}
 
 def draw_labels(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """(n_images, 14) multi-hot labels with the real prevalence order and co-occurrence pattern."""
-    weights = np.array([max(C.REAL_PREVALENCE[c], config.min_prevalence) for c in C.CLASS_NAMES])
+    weights = np.array([max(nih.REAL_PREVALENCE[c], config.min_prevalence) for c in CLASSES])
     counts = list(FINDINGS_PER_IMAGE)
     count_p = np.array(list(FINDINGS_PER_IMAGE.values()))
-    labels = np.zeros((config.n_images, C.NUM_CLASSES), dtype=np.uint8)
+    labels = np.zeros((config.n_images, len(CLASSES)), dtype=np.uint8)
     for row in labels:
         if rng.random() < config.no_finding_fraction:
             continue
         k = rng.choice(counts, p=count_p)
         p = weights.copy()
         for _ in range(k):
-            chosen = rng.choice(C.NUM_CLASSES, p=p / p.sum())
+            chosen = rng.choice(len(CLASSES), p=p / p.sum())
             row[chosen] = 1
             p[chosen] = 0
-            for partner in CO_OCCURRING.get(C.CLASS_NAMES[chosen], ()):
-                p[C.CLASS_NAMES.index(partner)] *= 3
+            for partner in CO_OCCURRING.get(CLASSES[chosen], ()):
+                p[CLASSES.index(partner)] *= 3
     return labels
 
 
@@ -100,7 +103,7 @@ class ChestPainter:
         for centre in centres:
             cv2.ellipse(lungs, centre, lung_axes, 0, 0, 360, 1.0, -1)
         texture = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), self.px(6))
-        lung_level = 60.0 - (25.0 if labels[C.CLASS_NAMES.index("Emphysema")] else 0.0)
+        lung_level = 60.0 - (25.0 if labels[CLASSES.index("Emphysema")] else 0.0)
         image = image * (1 - lungs) + (lung_level + 60 * texture) * lungs
         ribs = np.zeros_like(image)
         for k in range(6):  # ribs: bright arcs over the lungs (bone attenuates: brighter, added on top)
@@ -108,12 +111,12 @@ class ChestPainter:
             for cx in (self.px(300), self.px(724)):
                 cv2.ellipse(ribs, (cx, y), (self.px(230), self.px(60)), 0, 180, 360, 35, self.px(14))
         image += ribs
-        heart_scale = 1.55 if labels[C.CLASS_NAMES.index("Cardiomegaly")] else 1.0
+        heart_scale = 1.55 if labels[CLASSES.index("Cardiomegaly")] else 1.0
         heart_axes = (self.px(120 * heart_scale), self.px(150 * heart_scale))
         cv2.ellipse(image, (self.px(555), self.px(640)), heart_axes, 20, 0, 360, 165, -1)
         cv2.ellipse(image, (size // 2, self.px(900)), (self.px(480), self.px(120)), 0, 180, 360, 150, -1)
         for index in np.flatnonzero(labels):
-            getattr(self, "_" + C.CLASS_NAMES[index].lower())(image, centres, lung_axes)
+            getattr(self, "_" + CLASSES[index].lower())(image, centres, lung_axes)
         image += rng.normal(0, 4, image.shape).astype(np.float32)
         return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -196,39 +199,72 @@ class ChestPainter:
 
 
 def _paint_one(job: tuple) -> None:
-    path, labels, anatomy, size, seed = job
+    path, labels, anatomy, size, seed, height = job
     painter = ChestPainter(size, np.random.default_rng(seed))
-    if not cv2.imwrite(str(path), painter.paint(labels, anatomy)):
+    image = painter.paint(labels, anatomy)
+    if height > size:  # a taller film: the square picture on a dark band above and below
+        top = (height - size) // 2
+        image = cv2.copyMakeBorder(image, top, height - size - top, 0, 0, cv2.BORDER_CONSTANT, value=12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
         raise OSError(f"cannot write {path}")
 
 
-def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
-    """Write the data set below `out` and return the path of its label table."""
-    out = Path(out)
-    images_dir = out / IMAGES_SUBDIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(config.seed)
+@dataclass
+class Drawn:
+    """What every layout writes: per image its NIH labels, patient, follow-up, age, sex and view, and per patient
+    the anatomy the painter keeps across follow-ups."""
+
+    labels: np.ndarray
+    patients: np.ndarray
+    followups: np.ndarray
+    ages: list
+    sexes: list
+    views: np.ndarray
+    anatomy: dict
+
+
+def draw(config: SynthConfig, rng: np.random.Generator) -> Drawn:
     labels = draw_labels(config, rng)
     patients, followups = draw_patients(config, rng)
-    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
     anatomy = {p: {"lung_w": rng.uniform(150, 175), "lung_h": rng.uniform(250, 300)} for p in set(patients)}
     ages = {p: int(rng.integers(18, 90)) for p in set(patients)}
     sexes = {p: rng.choice(["M", "F"]) for p in set(patients)}
+    return Drawn(labels, patients, followups, [ages[p] + f // 2 for p, f in zip(patients, followups)],
+                 [sexes[p] for p in patients], rng.choice(["PA", "AP"], size=len(patients), p=[0.6, 0.4]), anatomy)
 
-    jobs = [(images_dir / name, labels[i], anatomy[patients[i]], config.source_size, config.seed * 1_000_003 + i)
-            for i, name in enumerate(names)]
+
+def paint(paths: list[Path], drawn: Drawn, config: SynthConfig, height: int | None = None) -> None:
+    """Paint image i of `drawn` to paths[i] (PNG or JPEG by suffix), in parallel; `height` > the side pads it."""
+    jobs = [(path, drawn.labels[i], drawn.anatomy[drawn.patients[i]], config.source_size,
+             config.seed * 1_000_003 + i, height or config.source_size) for i, path in enumerate(paths)]
     with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
         for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
             pass
 
+
+def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
+    """Write the data set below `out` in `config.layout` and return the path of its label table (what `shard`
+    takes as --labels; --images is `out`)."""
+    out = Path(out)
+    rng = np.random.default_rng(config.seed)
+    drawn = draw(config, rng)
+    if config.layout != "nih":
+        from cxr_fast.data.synth_layouts import LAYOUTS  # they build on this module
+        return LAYOUTS[config.layout](out, drawn, config, rng)
+    images_dir = out / IMAGES_SUBDIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    patients, followups, labels = drawn.patients, drawn.followups, drawn.labels
+    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
+    paint([images_dir / name for name in names], drawn, config)
     table = pd.DataFrame({
-        C.COL_IMAGE: names,
-        C.COL_LABELS: [format_finding_labels(row) for row in labels],
-        C.COL_FOLLOWUP: followups,
-        C.COL_PATIENT: patients,
-        C.COL_AGE: [ages[p] + f // 2 for p, f in zip(patients, followups)],
-        C.COL_SEX: [sexes[p] for p in patients],
-        C.COL_VIEW: rng.choice(["PA", "AP"], size=len(names), p=[0.6, 0.4]),
+        nih.COL_IMAGE: names,
+        nih.COL_LABELS: [nih.format_finding_labels(row) for row in labels],
+        nih.COL_FOLLOWUP: followups,
+        nih.COL_PATIENT: patients,
+        nih.COL_AGE: drawn.ages,
+        nih.COL_SEX: drawn.sexes,
+        nih.COL_VIEW: drawn.views,
         "OriginalImage[Width": config.source_size,
         "Height]": config.source_size,
         "OriginalImagePixelSpacing[x": 0.143 * 1024 / config.source_size,

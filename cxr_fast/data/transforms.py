@@ -20,10 +20,33 @@ def normalize(images_u8: torch.Tensor, in_chans: int) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def pad_to_square(gray: np.ndarray) -> np.ndarray:
+    """The image centred on a black square as wide as its longer side (the background of a radiograph)."""
+    height, width = gray.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return cv2.copyMakeBorder(gray, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0)
+
+
+def map_to_source(values: np.ndarray, shape: tuple[int, int], fit: str) -> np.ndarray:
+    """A map over the model's square input (a Grad-CAM) laid over the source image of `shape`: scaled back, and
+    with `fit` pad, the padding cut off."""
+    height, width = shape
+    if fit != "pad" or height == width:
+        return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
+    side = max(height, width)
+    square = cv2.resize(values, (side, side), interpolation=cv2.INTER_LINEAR)
+    top, left = (side - height) // 2, (side - width) // 2
+    return square[top:top + height, left:left + width]
+
+
 def process_gray(gray: np.ndarray, config: DataConfig, rng: np.random.Generator | None = None,
                  side: int | None = None) -> np.ndarray:
-    """The OpenCV version of the DALI graph: resize (INTER_AREA) → CLAHE at `image_size` → resize to `side` (a
-    progressive epoch's; CLAHE's tiles keep their size in the anatomy) → augment when `rng` is given."""
+    """The OpenCV version of the DALI graph: pad to a square (`fit` pad) → resize (INTER_AREA) → CLAHE at
+    `image_size` → resize to `side` (a progressive epoch's; CLAHE's tiles keep their size in the anatomy) → augment
+    when `rng` is given."""
+    if config.fit == "pad" and gray.shape[0] != gray.shape[1]:
+        gray = pad_to_square(gray)
     image = cv2.resize(gray, (config.image_size, config.image_size), interpolation=cv2.INTER_AREA)
     image = cv2.createCLAHE(clipLimit=config.clahe_clip_limit, tileGridSize=(config.clahe_tiles, config.clahe_tiles)
                             ).apply(image)

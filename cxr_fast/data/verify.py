@@ -83,11 +83,12 @@ def _check_samples(tar: Path, record: dict, seen: dict, split: str | None) -> li
                 image = decode_image(sample)
                 meta = json.loads(sample["json"])
                 labels = np.frombuffer(sample["labels"], np.uint8).tolist()
+                mask = np.frombuffer(sample["mask"], np.uint8).tolist() if "mask" in meta else None  # format 3 on
             except (ValueError, KeyError) as error:
                 problems.append(f"sample {key}: {error}")
                 continue
-            if labels != meta["labels"] or decode_id(sample["id"]) != key:
-                problems.append(f"sample {key}: labels or id disagree with its json")
+            if labels != meta["labels"] or mask != meta.get("mask") or decode_id(sample["id"]) != key:
+                problems.append(f"sample {key}: labels, mask or id disagree with its json")
             if image.shape != (meta["height"], meta["width"]):
                 problems.append(f"sample {key}: image is {image.shape}, json says {meta['height']}x{meta['width']}")
             problems += _against_manifest(key, meta, record, index) + _against_others(key, meta, seen, split, tar)

@@ -1,12 +1,17 @@
-"""`cxr-fast shard`: the label table and images → WebDataset shards, the one artefact every later stage reads.
+"""`cxr-fast shard`: one or more data sets (`inputs.py`) → WebDataset shards, the one artefact every later stage
+reads.
 
 Layout: `<out>/{train,val,test}/shard-NNNNNN.tar`, a DALI index (`.idx`, wds2idx format v1.2) beside each tar, and
 `<out>/manifest.json`. A sample holds:
-  <key>.png|jpg|raw  the image (png: lossless, pixel-identical to the source in gray; jpg: GPU-decodable; raw: uint8)
+  <key>.png|jpg|raw  the image (png: lossless, pixel-identical to the source in gray; jpg: GPU-decodable, a JPEG
+                     source's own bytes; raw: uint8)
   <key>.shape        raw only: int32 (height, width, 1), so DALI can reshape the bytes
-  <key>.labels       14 uint8, multi-hot in canonical order: fixed size, read by DALI directly
+  <key>.labels       uint8 per class of the manifest, 1 positive: fixed size, read by DALI directly
+  <key>.mask         uint8 per class, 1 where the label is stated (0: uncertain under `ignore`, blank under
+                     `--blank masked`, or a class its data set does not have); format 3 on
   <key>.id           the key as 64 NUL-padded ASCII bytes: fixed size, so DALI batches carry image names
-  <key>.json         image_index, patient_id, finding_labels (the original string), labels, split, height, width
+  <key>.json         image_index, patient_id, dataset, finding_labels (the table's text), labels, mask, split,
+                     age, sex, view, follow_up, height, width
 
 Writing is parallel, each shard goes to a temporary name and is renamed when complete, and the state of finished
 shards is kept in `<out>/.progress.json`, so re-running an interrupted command redoes only unfinished shards. Samples
@@ -20,10 +25,9 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -34,13 +38,13 @@ from tqdm import tqdm
 from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
-from cxr_fast.data.sample import EXTENSIONS, ID_BYTES, encode_id, encode_image
-from cxr_fast.data.source import IMAGE_SUFFIXES, image_files, read_gray
-from cxr_fast.data.labels import (demographics, multi_hot, read_label_table, read_split_list,
-                                  unusable_demographics)
+from cxr_fast.data.datasets import SampleTable
+from cxr_fast.data.inputs import find_images, match_images, read_inputs, sample_key  # noqa: F401 (the API)
 from cxr_fast.data.reader import SHARD_FORMAT_VERSION
+from cxr_fast.data.sample import EXTENSIONS, encode_id, encode_image
 from cxr_fast.data.shard_folder import ShardFolder
-from cxr_fast.data.split import plan_split, split_summary
+from cxr_fast.data.source import read_gray
+from cxr_fast.data.split import split_summary
 from cxr_fast.data.tario import add_member, dali_index, sha256_file
 from cxr_fast.errors import BadInput, CxrFastError
 from cxr_fast.files import folder_lock
@@ -53,7 +57,8 @@ def _write_shard(job: dict) -> dict:
     config = ShardConfig(**job["config"])
     tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
     tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
-    skipped, keys, patients, image_names, people = [], [], [], [], {"age": [], "sex": [], "view": []}
+    skipped, keys, patients, image_names, people = [], [], [], [], {"age": [], "sex": [], "view": [],
+                                                                   "dataset": []}
     try:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in job["samples"]:
@@ -67,14 +72,16 @@ def _write_shard(job: dict) -> dict:
                 gray = source.gray
                 if config.resize:
                     gray = cv2.resize(gray, (config.resize, config.resize), interpolation=cv2.INTER_AREA)
-                # An 8-bit gray PNG source is already what the png encoding stores: copy its bytes, skip re-encoding.
-                if config.encoding == "png" and not config.resize and source.is_gray_png:
-                    components = {"png": source.data}
+                # A source already in the stored encoding (an 8-bit gray PNG; a JPEG without EXIF turns) keeps its
+                # bytes: no re-encoding, and for JPEG no second lossy generation.
+                if not config.resize and source.stored_as == config.encoding:
+                    components = {EXTENSIONS[config.encoding]: source.data}
                 else:
                     components = encode_image(gray, config.encoding, config.jpeg_quality)
                 key = sample["key"]
                 meta = dict(sample["meta"], height=int(gray.shape[0]), width=int(gray.shape[1]))
                 components["labels"] = np.asarray(sample["meta"]["labels"], np.uint8).tobytes()
+                components["mask"] = np.asarray(sample["meta"]["mask"], np.uint8).tobytes()
                 components["id"] = encode_id(key)
                 components["json"] = json.dumps(meta).encode()
                 for ext in sorted(components):
@@ -98,53 +105,10 @@ def _write_shard(job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def find_images(images_dir: Path) -> dict[str, Path]:
-    """Image file name -> path, searched recursively (NIH ships images_001/images/... folders); a name found twice
-    is an error, since the table names images by file name."""
-    found: dict[str, Path] = {}
-    for path in image_files(images_dir):
-        if path.name in found:
-            raise CxrFastError(f"image name {path.name} occurs twice: {found[path.name]} and {path}")
-        found[path.name] = path
-    return found
-
-
-def match_images(names: pd.Series, found: dict[str, Path]) -> dict[str, Path]:
-    """Table name -> file: the same name, or for DICOM the name with `.dcm` added or taken off (a hospital export
-    names files by their table entry, with or without the suffix)."""
-    matched = {}
-    for name in names:
-        for candidate in (name, f"{name}.dcm", name[:-4] if name.lower().endswith(".dcm") else None):
-            if candidate in found:
-                matched[name] = found[candidate]
-                break
-    return matched
-
-
-def sample_key(image_name: str) -> str:
-    """The shard key of an image: its name without the image suffix, with any character other than letters,
-    digits, '-' and '_' made '_' (DICOM files are often named by UIDs full of dots, which a key may not hold)."""
-    stem = image_name[: -len(suffix)] if (suffix := Path(image_name).suffix).lower() in IMAGE_SUFFIXES else image_name
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-
-
-def _split_lists(labels_path: Path, test_list: Path | None, train_val_list: Path | None):
-    """Official lists from flags, else from beside the table, else None (then fractions are used)."""
-    if test_list is None and (labels_path.parent / "test_list.txt").exists():
-        test_list = labels_path.parent / "test_list.txt"
-        if train_val_list is None and (labels_path.parent / "train_val_list.txt").exists():
-            train_val_list = labels_path.parent / "train_val_list.txt"
-    if test_list is None:
-        if train_val_list is not None:
-            raise CxrFastError("--train-val-list needs --test-list")
-        return None, None, None
-    return read_split_list(test_list), (read_split_list(train_val_list) if train_val_list else None), test_list
-
-
 def _digest(config: ShardConfig, samples: list[dict]) -> str:
     content = {k: v for k, v in asdict(config).items() if k not in ("out", "workers")}
     blob = json.dumps({"config": content | {"on_error": None, "max_pixels": None},  # policy, not content
-                       "samples": [(s["key"], s["meta"]["labels"], s["size"]) for s in samples]})
+                       "samples": [(s["key"], s["meta"]["labels"], s["meta"]["mask"], s["size"]) for s in samples]})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -152,31 +116,25 @@ def _whole(value) -> int | None:
     return None if value is None or not np.isfinite(value) else int(value)
 
 
-def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], config: ShardConfig, out: Path):
+def _sample(table: SampleTable, row: int) -> dict:
+    frame, labels = table.frame, table.labels[row]
+    people = frame.loc[row]
+    return {"key": people["key"], "path": str(people["file"]), "size": Path(people["file"]).stat().st_size,
+            "meta": {"image_index": people["image"], "patient_id": str(people["patient"]),
+                     "dataset": people["dataset"], "finding_labels": people["finding_labels"],
+                     "labels": np.nan_to_num(labels, nan=0.0).astype(int).tolist(),
+                     "mask": np.isfinite(labels).astype(int).tolist(), "split": people["final_split"],
+                     "age": _whole(people["age"]), "sex": people["sex"], "view": people["view"],
+                     "follow_up": _whole(people["follow_up"])}}
+
+
+def plan_shards(table: SampleTable, config: ShardConfig, out: Path) -> list[dict]:
     """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
-    labels, people = multi_hot(table), demographics(table)
     rng = np.random.default_rng(config.seed)
-    jobs, keys = [], {}
+    jobs = []
     for split_name in C.SPLITS:
-        rows = np.flatnonzero((split == split_name).to_numpy())
-        rows = rows[rng.permutation(len(rows))]
-        samples = []
-        for row in rows:
-            image = table.at[row, C.COL_IMAGE]
-            key = sample_key(image)
-            if len(key) > ID_BYTES:
-                raise CxrFastError(f"image name {image!r}: a sample key may hold at most {ID_BYTES} characters")
-            if key in keys:
-                raise CxrFastError(f"image names {keys[key]!r} and {image!r} give the same sample key {key!r}")
-            keys[key] = image
-            path = found[image]
-            samples.append({
-                "key": key, "path": str(path), "size": path.stat().st_size,
-                "meta": {"image_index": image, "patient_id": str(table.at[row, C.COL_PATIENT]),
-                         "finding_labels": table.at[row, C.COL_LABELS], "labels": labels[row].tolist(),
-                         "split": split_name, "age": _whole(people.at[row, "age"]), "sex": people.at[row, "sex"],
-                         "view": people.at[row, "view"], "follow_up": _whole(people.at[row, "follow_up"])},
-            })
+        rows = np.flatnonzero((table.frame["final_split"] == split_name).to_numpy())
+        samples = [_sample(table, row) for row in rows[rng.permutation(len(rows))]]
         for number, start in enumerate(range(0, len(samples), config.shard_size)):
             chunk = samples[start:start + config.shard_size]
             name = f"{split_name}/shard-{number:06d}"
@@ -186,65 +144,52 @@ def plan_shards(table: pd.DataFrame, split: pd.Series, found: dict[str, Path], c
 
 
 @dataclass
-class Sources:
-    """What a shard set is made from: the table rows that have an image, their split, and where they came from."""
+class ShardSet:
+    """What a shard set is made from: the merged sample table (rows that have an image and a split), the inputs it
+    was read from, and the count of table rows without an image."""
 
-    table: pd.DataFrame
-    split: pd.Series
-    images_dir: Path
-    labels_path: Path
-    list_source: Path | None
+    table: SampleTable
+    inputs: list
     rows_without_image: int
 
 
-def write_shards(images_dir: str | Path, labels_path: str | Path, config: ShardConfig = ShardConfig(),
-                 split_lists: tuple = (None, None), overwrite: bool = False) -> dict:
-    """The `cxr-fast shard` command: shards in `config.out`. `split_lists` are the official (test, train_val) lists
-    (default: those beside the table, if any). Returns the manifest."""
-    images_dir, labels_path, out = Path(images_dir), Path(labels_path), Path(config.out)
-    table, found, skipped, rows_without_image = _inputs(images_dir, labels_path, config)
-    test_list, train_val_list = split_lists
-    tests, train_vals, list_source = _split_lists(labels_path, test_list and Path(test_list),
-                                                   train_val_list and Path(train_val_list))
-    split = plan_split(table, config.val_fraction, config.test_fraction, config.seed, tests, train_vals)
-    not_listed = int((split == "").sum())
-    if not_listed:
-        log.warning("%d image(s) are in neither split list and are left out", not_listed)
-        skipped += [{"file": str(found[n]), "reason": "in neither official split list"}
-                    for n in table.loc[split == "", C.COL_IMAGE]]
-    sources = Sources(table, split, images_dir, labels_path, list_source, rows_without_image)
-    jobs = plan_shards(table, split, found, config, out)
+@dataclass(frozen=True)
+class ShardInput:
+    """One data set to shard: its images folder and label table, the description that reads them (`nih`,
+    `chexpert`, `mimic-cxr-jpg`, `table`), a table spec (for `table`) and official split lists (NIH's)."""
+
+    images: Path
+    labels: Path
+    dataset: str = "nih"
+    spec: Path | None = None
+    split_lists: tuple = (None, None)
+
+
+def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = ShardConfig(),
+                 overwrite: bool = False) -> dict:
+    """The `cxr-fast shard` command: shards of one or more data sets in `config.out`. Returns the manifest."""
+    inputs = [inputs] if isinstance(inputs, ShardInput) else list(inputs)
+    out = Path(config.out)
+    table, skipped, rows_without_image = read_inputs(inputs, config)
+    config = replace(config, encoding=resolve_encoding(config.encoding, table.frame["file"]))
+    jobs = plan_shards(table, config, out)
     with folder_lock(out, "shards"):
         folder = ShardFolder(out, overwrite)
         folder.claim()
         done = _run_jobs(jobs, folder, config.workers)
         for record in done.values():
             skipped += record["skipped"]
-        manifest = _manifest(sources, jobs, done, config, skipped)
+        manifest = _manifest(ShardSet(table, inputs, rows_without_image), jobs, done, config, skipped)
         folder.finish(manifest)
     return manifest
 
 
-def _inputs(images_dir: Path, labels_path: Path, config: ShardConfig):
-    """The table rows that have an image, the images found, the skipped inputs and the count of rows without one."""
-    table = read_label_table(labels_path)
-    files = find_images(images_dir)
-    if not files:
-        raise CxrFastError(f"no PNG, JPEG or DICOM images found below {images_dir}")
-    found = match_images(table[C.COL_IMAGE], files)
-    orphans = sorted(set(files) - {path.name for path in found.values()})
-    skipped = []
-    if orphans:
-        if config.on_error == "fail":
-            raise CxrFastError(f"{files[orphans[0]]}: image has no row in {labels_path} "
-                               f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
-        skipped += [{"file": str(files[n]), "reason": "no row in the label table"} for n in orphans]
-    present = table[C.COL_IMAGE].isin(set(found))
-    rows_without_image = int((~present).sum())
-    if rows_without_image:
-        log.info("%d of %d table rows have no image below %s (a partial download is fine)",
-                 rows_without_image, len(table), images_dir)
-    return table[present].reset_index(drop=True), found, skipped, rows_without_image
+def resolve_encoding(encoding: str, files: pd.Series) -> str:
+    """auto: jpeg when every source is a JPEG (stored as it is, decoded on the GPU), else png (lossless)."""
+    if encoding != "auto":
+        return encoding
+    suffixes = files.map(lambda f: Path(f).suffix.lower())
+    return "jpeg" if len(files) and suffixes.isin([".jpg", ".jpeg"]).all() else "png"
 
 
 def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
@@ -276,11 +221,11 @@ def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
     return done
 
 
-def _manifest(sources: Sources, jobs: list[dict], done: dict, config: ShardConfig, skipped: list[dict]) -> dict:
-    table, split = sources.table, sources.split
+def _manifest(sources: ShardSet, jobs: list[dict], done: dict, config: ShardConfig, skipped: list[dict]) -> dict:
+    table = sources.table
     written = {key for record in done.values() for key in record["keys"]}
-    kept = table[C.COL_IMAGE].map(sample_key).isin(written)
-    summary = split_summary(table[kept].reset_index(drop=True), split[kept].reset_index(drop=True))
+    kept = table.subset(table.frame["key"].isin(written).to_numpy())
+    summary = split_summary(kept, kept.frame["final_split"])
     shards = {}
     for job in jobs:
         record = dict(done[job["name"]])
@@ -288,17 +233,20 @@ def _manifest(sources: Sources, jobs: list[dict], done: dict, config: ShardConfi
         shards[job["name"]] = record
     for split_name in C.SPLITS:
         summary[split_name]["shards"] = [j["name"] for j in jobs if j["name"].startswith(split_name + "/")]
+    first = sources.inputs[0]
     return {
         "format_version": SHARD_FORMAT_VERSION,
         "cxr_fast_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": asdict(config) | {"images": str(sources.images_dir), "labels": str(sources.labels_path),
-                                    "split_lists": str(sources.list_source) if sources.list_source else None},
+        "config": asdict(config) | {"images": str(first.images), "labels": str(first.labels)},
+        "datasets": [{"dataset": i.dataset, "images": str(i.images), "labels": str(i.labels),
+                      "spec": str(i.spec) if i.spec else None,
+                      "split_lists": [str(p) if p else None for p in i.split_lists]} for i in sources.inputs],
         "image_ext": EXTENSIONS[config.encoding],
-        "classes": list(C.CLASS_NAMES),
+        "classes": list(table.classes),
         "splits": summary,
         "shards": shards,
         "rows_without_image": sources.rows_without_image,
-        "unknown_values": unusable_demographics(table, demographics(table)),
+        "unknown_values": table.unknown_values,
         "skipped": skipped,
     }

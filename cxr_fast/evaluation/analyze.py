@@ -24,7 +24,8 @@ from tqdm import tqdm
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration
 from cxr_fast.config import AnalyzeConfig, DataConfig
-from cxr_fast.data.labels import format_finding_labels
+from cxr_fast.data.datasets.nih import BOX_SPACE as NIH_BOX_SPACE
+from cxr_fast.data.datasets.nih import read_boxes
 from cxr_fast.data.loader import LoaderSpec, create_loader, resolve_loader
 from cxr_fast.data.reader import load_manifest, sample_table
 from cxr_fast.data.transforms import normalize
@@ -34,14 +35,13 @@ from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb
 from cxr_fast.evaluation.clinical import calibration_report, operating_point_report, subgroup_audit
 from cxr_fast.evaluation.clinical_report import (calibration_section, claim_section, operating_points_section,
                                                 plot_reliability, plot_subgroups, subgroup_section)
-from cxr_fast.evaluation.report import plot_curves, write_analysis_report
+from cxr_fast.evaluation.report import file_stem, finding_names, plot_curves, write_analysis_report
 from cxr_fast.metrics import per_class_report
 from cxr_fast.training.checkpoint import ModelInfo, load_model
 from cxr_fast.training.engine import evaluate, resolve_amp, resolve_device
 from cxr_fast.training.losses import FocalLoss
 
 log = logging.getLogger(__name__)
-NIH_BOX_SPACE = 1024  # NIH gives box coordinates in the 1024 x 1024 pixel space of its PNGs
 GALLERY_MIN_SIDE = 384
 
 
@@ -49,18 +49,18 @@ class ErrorCollector:
     """While a split is scored: per class, the top-k most confident false positives (highest probability) and
     false negatives (lowest), and the images of boxed keys, kept as the uint8 images the model saw."""
 
-    def __init__(self, thresholds: np.ndarray, top_k: int, box_keys: set[str]):
-        self.thresholds, self.top_k, self.box_keys = thresholds, top_k, box_keys
-        self.heaps = {kind: {name: [] for name in C.CLASS_NAMES} for kind in ("fp", "fn")}
+    def __init__(self, thresholds: np.ndarray, top_k: int, box_keys: set[str], classes: list[str]):
+        self.thresholds, self.top_k, self.box_keys, self.classes = thresholds, top_k, box_keys, classes
+        self.heaps = {kind: {name: [] for name in classes} for kind in ("fp", "fn")}
         self.images: dict[str, np.ndarray] = {}
 
     def __call__(self, batch, probs: torch.Tensor) -> None:
-        probs, targets = probs.cpu().numpy(), batch.targets.cpu().numpy() > 0.5
+        probs, targets = probs.cpu().numpy(), batch.targets.cpu().numpy()
         wanted = set()
         for row, key in enumerate(batch.keys):
-            for c, name in enumerate(C.CLASS_NAMES):
+            for c, name in enumerate(self.classes):
                 predicted, p = probs[row, c] >= self.thresholds[c], float(probs[row, c])
-                if predicted != targets[row, c]:
+                if not np.isnan(targets[row, c]) and predicted != (targets[row, c] > 0.5):  # stated and wrong
                     kind, score = ("fp", p) if predicted else ("fn", -p)  # heap keeps the k largest scores
                     heap = self.heaps[kind][name]
                     item = (score, key, p)
@@ -88,36 +88,6 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     """The gray uint8 image back from a normalised model input (exact: normalisation is affine on integers)."""
     gray = image[0].float() * C.GRAY_STD + C.GRAY_MEAN
     return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def read_boxes(path: str | Path) -> pd.DataFrame:
-    """NIH BBox_List_2017.csv → columns image, finding, x, y, w, h (1024-pixel space), checked: numeric, positive
-    sizes, known findings."""
-    try:
-        raw = pd.read_csv(path)
-    except (OSError, ValueError) as error:
-        raise CxrFastError(f"cannot read box list {path}: {error}") from None
-    if raw.shape[1] < 6:
-        raise CxrFastError(f"{path}: expected NIH's BBox_List_2017.csv (image, finding, x, y, w, h)")
-    boxes = raw.iloc[:, :6].copy()
-    boxes.columns = ["image", "finding", "x", "y", "w", "h"]
-    for column in ("x", "y", "w", "h"):
-        values = pd.to_numeric(boxes[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values) | ((values <= 0) if column in ("w", "h") else (values < 0))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise CxrFastError(f"{path}: row {row + 2} has an invalid box {column} ({boxes[column].iloc[row]!r}); "
-                               "x, y must be numbers >= 0 and w, h > 0")
-        boxes[column] = values
-    outside = (boxes["x"] + boxes["w"] > NIH_BOX_SPACE) | (boxes["y"] + boxes["h"] > NIH_BOX_SPACE)
-    if outside.any():
-        row = int(np.flatnonzero(outside.to_numpy())[0])
-        raise CxrFastError(f"{path}: row {row + 2} has a box reaching past the {NIH_BOX_SPACE} x {NIH_BOX_SPACE} pixel "
-                           f"space of NIH's images (x {boxes['x'].iloc[row]}, w {boxes['w'].iloc[row]}, y "
-                           f"{boxes['y'].iloc[row]}, h {boxes['h'].iloc[row]})")
-    boxes["image"] = boxes["image"].astype(str).str.strip()
-    boxes["finding"] = boxes["finding"].astype(str).str.strip().replace({"Infiltrate": "Infiltration"})
-    return boxes[boxes["finding"].isin(C.CLASS_NAMES)]
 
 
 @dataclass
@@ -165,6 +135,9 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
         raise CxrFastError(f"split {config.split!r} is missing or empty in {shards_dir}")
     boxes = read_boxes(config.bbox) if config.bbox else None
     model, info = load_model(checkpoint, target)
+    if list(info.classes) != list(manifest["classes"]):
+        raise CxrFastError(f"{checkpoint} was trained on other classes ({', '.join(info.classes)[:200]}) than "
+                           f"{shards_dir} holds ({', '.join(manifest['classes'])[:200]})")
     inputs = Inputs(Path(checkpoint), Path(shards_dir), manifest, boxes, model, info, target)
     out = make_folder(Path(out))
     with folder_lock(out, "an analysis"):
@@ -176,8 +149,10 @@ def _analyze(inputs: Inputs, out: Path, config: AnalyzeConfig) -> dict:
     manifest, boxes, model, info, target = inputs.manifest, inputs.boxes, inputs.model, inputs.info, inputs.device
     checkpoint, shards_dir, split = inputs.checkpoint, inputs.shards_dir, config.split
     samples = sample_table(manifest, split)
+    boxes = boxes[boxes["finding"].isin(info.classes)] if boxes is not None else None
     boxed = set(boxes["image"]) if boxes is not None else set()
-    collector = ErrorCollector(info.thresholds, config.top_k, set(samples.index[samples["image_index"].isin(boxed)]))
+    collector = ErrorCollector(info.thresholds, config.top_k, set(samples.index[samples["image_index"].isin(boxed)]),
+                               info.classes)
     loader = create_loader(LoaderSpec(shards_dir, split, info.config.data, batch_size=config.batch_size,
                                       loader=config.loader, device=target))
     started = time.perf_counter()
@@ -186,15 +161,16 @@ def _analyze(inputs: Inputs, out: Path, config: AnalyzeConfig) -> dict:
     seconds = time.perf_counter() - started
     keys = result["keys"]
     scored = ScoredSplit(keys, samples.loc[keys], result["targets"], result["probs"], model, info, target, {})
-    _write_predictions(out / "predictions.csv", scored.rows["image_index"], scored.probs, info.calibration)
+    _write_predictions(out / "predictions.csv", scored.rows["image_index"], scored.probs, info)
 
-    metrics = per_class_report(scored.targets, scored.probs, info.thresholds,
+    metrics = per_class_report(scored.targets, scored.probs, info.thresholds, info.classes,
                                groups=scored.rows["patient_id"].to_numpy(), n_boot=config.bootstrap)
+    metrics["datasets"] = per_dataset(scored)
     metrics |= {"split": split, "checkpoint": str(checkpoint), "checkpoint_epoch": info.epoch,
                 "threshold_source": "F1-optimal per class on the validation split, stored in the checkpoint",
                 "inference_images_per_second": len(keys) / seconds, "device": str(target),
                 "loader": resolve_loader(config.loader, target)}
-    curves = plot_curves(scored.targets, scored.probs, info.thresholds, out / "curves")
+    curves = plot_curves(scored.targets, scored.probs, info.thresholds, info.classes, out / "curves")
     clinical = clinical_sections(metrics, scored, manifest, config, out / "curves")
     gallery, localization = _explain(scored, collector, boxes, out / "visualizations")
     metrics["localization"] = localization
@@ -205,12 +181,28 @@ def _analyze(inputs: Inputs, out: Path, config: AnalyzeConfig) -> dict:
     return metrics
 
 
-def _write_predictions(path: Path, image_index: pd.Series, probs: np.ndarray, calibration: dict | None) -> None:
+def per_dataset(scored: ScoredSplit) -> dict | None:
+    """With samples of several data sets: per data set its images and its macro and per-class AUROC (over the
+    classes it states); None for one."""
+    datasets = scored.rows["dataset"].to_numpy()
+    if len(set(datasets)) < 2:
+        return None
+    out = {}
+    for name in sorted(set(datasets)):
+        rows = datasets == name
+        report = per_class_report(scored.targets[rows], scored.probs[rows], scored.info.thresholds,
+                                  scored.info.classes, n_boot=0)
+        out[name] = {"images": int(rows.sum()), "macro_auroc": report["macro"]["auroc"],
+                     "auroc": {c: v["auroc"] for c, v in report["classes"].items() if v["images"]}}
+    return out
+
+
+def _write_predictions(path: Path, image_index: pd.Series, probs: np.ndarray, info) -> None:
     """image_index, prob_<Class> (the model's output) and, with a calibration, calibrated_<Class>."""
-    frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in C.CLASS_NAMES])
-    if calibration:
-        calibrated = apply_calibration(probs, calibration)
-        frame[[f"calibrated_{c}" for c in C.CLASS_NAMES]] = calibrated
+    frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in info.classes])
+    if info.calibration:
+        calibrated = apply_calibration(probs, info.calibration)
+        frame[[f"calibrated_{c}" for c in info.classes]] = calibrated
     frame.insert(0, "image_index", list(image_index))
     frame.to_csv(path, index=False)
 
@@ -219,11 +211,11 @@ def clinical_sections(metrics: dict, scored: ScoredSplit, manifest: dict, config
                       ) -> list[str]:
     """Calibration, operating points and the subgroup audit into `metrics`; their report sections."""
     targets, probs, info = scored.targets, scored.probs, scored.info
-    metrics["calibration"] = calibration_report(targets, probs, info.calibration)
+    metrics["calibration"] = calibration_report(targets, probs, info.calibration, info.classes)
     points = info.operating_points or {"max_f1": info.thresholds.tolist()}
-    metrics["operating_points"] = operating_point_report(targets, probs, points)
+    metrics["operating_points"] = operating_point_report(targets, probs, points, info.classes)
     metrics["subgroups"], metrics["subgroup_gaps"] = subgroup_audit(targets, probs, info.thresholds, scored.rows,
-                                                                    min(config.bootstrap, 200))
+                                                                    info.classes, min(config.bootstrap, 200))
     return [*claim_section(manifest, metrics["split"]),
             *calibration_section(metrics["calibration"], plot_reliability(metrics["calibration"],
                                                                           folder / "reliability.png")),
@@ -262,7 +254,7 @@ def _write_gallery(scored: ScoredSplit, errors: dict, explainer: CamExplainer, f
     for kind, per_class in errors.items():
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for name, rows in per_class.items():
-            c = C.CLASS_NAMES.index(name)
+            c = scored.info.classes.index(name)
             for rank, (row, probability) in enumerate(rows, 1):
                 gray = scored.images[scored.keys[row]]
                 cam = _cam(explainer, scored, gray, c)
@@ -270,11 +262,11 @@ def _write_gallery(scored: ScoredSplit, errors: dict, explainer: CamExplainer, f
                     side = (GALLERY_MIN_SIDE, GALLERY_MIN_SIDE)
                     gray, cam = cv2.resize(gray, side), cv2.resize(cam, side)
                 panel = np.hstack([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), overlay(gray, cam)])
-                truth = format_finding_labels(scored.targets[row] > 0.5)
-                predicted = format_finding_labels(scored.probs[row] >= thresholds)
+                truth = finding_names(scored.info.classes, scored.targets[row] > 0.5)
+                predicted = finding_names(scored.info.classes, scored.probs[row] >= thresholds)
                 panel = _caption(panel, [f"{kind.upper()} {name}: p={probability:.3f} (threshold "
                                          f"{thresholds[c]:.3f})", f"true: {truth}", f"predicted: {predicted}"])
-                path = folder / kind / f"{name}_{rank}_{Path(image_index[row]).stem}.png"
+                path = folder / kind / f"{file_stem(name)}_{rank}_{file_stem(Path(image_index[row]).stem)}.png"
                 cv2.imwrite(str(path), panel)
                 gallery[kind].append({"class": name, "image": image_index[row], "probability": probability,
                                       "true": truth, "predicted": predicted,
@@ -302,7 +294,7 @@ def _localization(scored: ScoredSplit, boxes: pd.DataFrame, explainer: CamExplai
         if box.image not in row_of:
             continue
         gray = scored.images[scored.keys[row_of[box.image]]]
-        cam = _cam(explainer, scored, gray, C.CLASS_NAMES.index(box.finding))
+        cam = _cam(explainer, scored, gray, scored.info.classes.index(box.finding))
         truth = (box.x * scale, box.y * scale, box.w * scale, box.h * scale)
         score = iobb(cam_box(cam), truth)
         entry = per_class.setdefault(box.finding, {"boxes": 0, "hits": 0, **{f"iobb>{t}": 0 for t in IOBB_THRESHOLDS}})

@@ -29,26 +29,26 @@ def _finite(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def calibration_report(y: np.ndarray, probs: np.ndarray, calibration: dict | None) -> dict:
+def calibration_report(y: np.ndarray, probs: np.ndarray, calibration: dict | None, classes: list[str]) -> dict:
     """{class: {ece_uncalibrated, ece, method, a, b}} and "macro"; ece equals ece_uncalibrated without one."""
     calibrated = apply_calibration(probs, calibration)
     report = {}
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(classes):
         report[name] = {"ece_uncalibrated": expected_calibration_error(y[:, c], probs[:, c]),
                         "ece": expected_calibration_error(y[:, c], calibrated[:, c]),
                         "method": calibration["method"] if calibration else None,
                         **({"a": calibration["a"][c], "b": calibration["b"][c]} if calibration else {})}
-    report["macro"] = {key: float(np.mean([report[n][key] for n in C.CLASS_NAMES]))
+    report["macro"] = {key: float(np.nanmean([report[n][key] for n in classes]))
                        for key in ("ece_uncalibrated", "ece")}
     report["reliability"] = {"uncalibrated": reliability(y.ravel(), probs.ravel()),
                              "calibrated": reliability(y.ravel(), calibrated.ravel())}
     return report
 
 
-def operating_point_report(y: np.ndarray, probs: np.ndarray, points: dict) -> dict:
+def operating_point_report(y: np.ndarray, probs: np.ndarray, points: dict, classes: list[str]) -> dict:
     """{class: {point: {threshold, sensitivity, specificity, ppv, npv}}} at thresholds chosen on validation."""
     report = {}
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(classes):
         report[name] = {}
         for point, thresholds in points.items():
             stats = confusion_stats(y[:, c], probs[:, c], thresholds[c])
@@ -63,17 +63,17 @@ def subgroup_columns(samples: pd.DataFrame) -> dict[str, pd.Series]:
     return {"sex": samples["sex"], "age": samples["age"].map(age_band), "view": samples["view"]}
 
 
-def _group(y, probs, thresholds, patients, n_boot: int) -> dict:
+def _group(y, probs, thresholds, patients, n_boot: int, classes: list[str]) -> dict:
     predicted = probs >= thresholds[None, :]
-    positives = y.sum(axis=0).astype(int)
+    positives = np.nansum(y, axis=0).astype(int)
     intervals = bootstrap_auc_intervals(y, probs, patients, n_boot) if n_boot else None
-    ill = y.any(axis=1)
+    ill = (np.nan_to_num(y) > 0).any(axis=1)  # a stated finding
     entry = {"images": int(len(y)), "patients": int(len(np.unique(patients))),
-             "positives": {n: int(p) for n, p in zip(C.CLASS_NAMES, positives)}, "auroc": {}, "auroc_ci95": {},
+             "positives": {n: int(p) for n, p in zip(classes, positives)}, "auroc": {}, "auroc_ci95": {},
              "tpr": {}, "fpr": {},
              "underdiagnosis": _finite((~predicted[ill].any(axis=1)).mean() if ill.any() else np.nan),
              "images_with_a_finding": int(ill.sum()), "small": bool(len(y) < SMALL_GROUP_IMAGES)}
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(classes):
         stats = confusion_stats(y[:, c], probs[:, c], thresholds[c])
         entry["auroc"][name] = _finite(roc_auc(y[:, c], probs[:, c]))
         entry["auroc_ci95"][name] = [_finite(v) for v in intervals[c]] if intervals is not None and \
@@ -83,7 +83,7 @@ def _group(y, probs, thresholds, patients, n_boot: int) -> dict:
 
 
 def subgroup_audit(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, samples: pd.DataFrame,
-                   n_boot: int = 200) -> tuple[dict, dict]:
+                   classes: list[str], n_boot: int = 200) -> tuple[dict, dict]:
     """(subgroups[attr][group], gaps[attr][class]): per group the numbers above; per class the largest difference
     between groups of TPR, FPR and AUROC, over groups with enough images and positives."""
     groups = {"sex": C.SEXES, "age": C.AGE_BANDS, "view": C.VIEWS}
@@ -94,17 +94,17 @@ def subgroup_audit(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, sam
         for group in groups[attr]:
             mask = (values == group).to_numpy()
             if mask.any():
-                audit[attr][group] = _group(y[mask], probs[mask], thresholds, patients[mask], n_boot)
+                audit[attr][group] = _group(y[mask], probs[mask], thresholds, patients[mask], n_boot, classes)
             else:
                 audit[attr][group] = {"images": 0, "patients": 0, "small": True, "auroc": {}, "tpr": {}, "fpr": {},
                                       "underdiagnosis": None}
-        gaps[attr] = _gaps(audit[attr])
+        gaps[attr] = _gaps(audit[attr], classes)
     return audit, gaps
 
 
-def _gaps(groups: dict) -> dict:
+def _gaps(groups: dict, classes: list[str]) -> dict:
     gaps = {}
-    for name in C.CLASS_NAMES:
+    for name in classes:
         usable = {g: e for g, e in groups.items() if not e["small"] and
                   e.get("positives", {}).get(name, 0) >= SMALL_GROUP_POSITIVES}
         entry = {"groups": sorted(usable)}

@@ -19,7 +19,7 @@ POINT_NAMES = {"max_f1": "max F1", "sensitivity_90": "sensitivity ≥ 0.90", "sp
 
 
 def plot_reliability(calibration: dict, path: Path) -> str:
-    """Pooled over the 14 classes: mean probability against positive rate per bin, before and after."""
+    """Pooled over the classes: mean probability against positive rate per bin, before and after."""
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
     for key, label in (("uncalibrated", "model output"), ("calibrated", "calibrated (Platt, on validation)")):
@@ -38,15 +38,16 @@ def plot_reliability(calibration: dict, path: Path) -> str:
 
 def plot_subgroups(subgroups: dict, path: Path) -> str:
     """True-positive rate per class and group, one panel per attribute: the gaps at a glance."""
+    classes = list(dict.fromkeys(n for groups in subgroups.values() for e in groups.values() for n in e["tpr"]))
     fig, axes = plt.subplots(1, len(subgroups), figsize=(6 * len(subgroups), 5), sharey=True)
     for ax, (attr, groups) in zip(np.atleast_1d(axes), subgroups.items()):
         for i, (group, entry) in enumerate(groups.items()):
-            tpr = [entry["tpr"].get(name) for name in C.CLASS_NAMES]
+            tpr = [entry["tpr"].get(name) for name in classes]
             values = [np.nan if v is None else v for v in tpr]
             style = "x" if entry["small"] else "o"
-            ax.plot(values, range(C.NUM_CLASSES), style, label=f"{group} (n={entry['images']}"
+            ax.plot(values, range(len(classes)), style, label=f"{group} (n={entry['images']}"
                     f"{', small' if entry['small'] else ''})", alpha=0.8)
-        ax.set_yticks(range(C.NUM_CLASSES), C.CLASS_NAMES)
+        ax.set_yticks(range(len(classes)), classes)
         ax.set_xlim(-0.02, 1.02)
         ax.set_xlabel("true-positive rate at the validation threshold")
         ax.set_title(f"by {attr}")
@@ -57,15 +58,22 @@ def plot_subgroups(subgroups: dict, path: Path) -> str:
     return path.name
 
 
+def _source_line(entry: dict) -> str:
+    name = f" ({entry['dataset']})" if entry.get("dataset") else ""
+    return f"- Source{name}: `{entry.get('labels')}` with images from `{entry.get('images')}`."
+
+
 def claim_section(manifest: dict, split: str) -> list[str]:
     """Data, partitions and their demographics, as a reporting checklist asks (CLAIM items on data and splits)."""
+    sources = manifest.get("datasets") or [{"dataset": "", **manifest["config"]}]
     lines = ["## Data and partitions (CLAIM summary)", "",
-             f"- Source: `{manifest['config'].get('labels')}` with images from `{manifest['config'].get('images')}`; "
-             "labels are NIH's, text-mined from the radiology reports (Wang et al. 2017), not read by a radiologist "
-             "for this analysis.",
-             f"- Split by patient (no patient in two partitions); test list: "
-             f"{manifest['config'].get('split_lists') or 'carved out by patient, stratified by finding'}. This "
-             f"report is about the **{split}** partition; thresholds and calibration come from **val**.", "",
+             *map(_source_line, sources),
+             "- Labels come from each data set's table (NIH's, CheXpert's and MIMIC-CXR-JPG's are text-mined from the "
+             "radiology reports), not read by a radiologist for this analysis.",
+             "- Split by patient (no patient in two partitions), keeping a data set's official test split where it "
+             "has one (NIH's test list, CheXpert's valid.csv, MIMIC-CXR-JPG's split table); the rest is carved out "
+             f"by patient, stratified by finding. This report is about the **{split}** partition; thresholds and "
+             "calibration come from **val**.", "",
              "| partition | images | patients | female | male | age mean (median) | 0-19 | 20-39 | 40-59 | 60-79 | 80+ "
              "| PA | AP |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, part in manifest["splits"].items():
@@ -79,7 +87,7 @@ def claim_section(manifest: dict, split: str) -> list[str]:
 
 def calibration_section(calibration: dict, figure: str) -> list[str]:
     rows = [f"| {name} | {fmt(calibration[name]['ece_uncalibrated'])} | {fmt(calibration[name]['ece'])} |"
-            for name in C.CLASS_NAMES]
+            for name in calibration if name not in ("macro", "reliability")]
     macro = calibration["macro"]
     return ["## Calibration", "",
             "Does a probability of 0.3 mean that 3 in 10 such images have the finding? The expected calibration "
@@ -106,7 +114,7 @@ def operating_points_section(points: dict) -> list[str]:
              "NPV: the same for negatives (both depend on the prevalence of this split).", "",
              "| finding | operating point | threshold | sensitivity | specificity | PPV | NPV |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for name in C.CLASS_NAMES:
+    for name in points:
         for point, stats in points[name].items():
             lines.append(f"| {name} | {POINT_NAMES.get(point, point)} | {fmt(stats['threshold'])} | "
                          f"{fmt(stats['sensitivity'])} | {fmt(stats['specificity'])} | {fmt(stats['ppv'])} | "
@@ -135,6 +143,6 @@ def subgroup_section(subgroups: dict, gaps: dict, figure: str) -> list[str]:
               "10 positives; n/a when fewer than two qualify):", "",
               "| finding | " + " | ".join(f"TPR gap by {a}" for a in gaps) + " |",
               "|---|" + "---:|" * len(gaps)]
-    for name in C.CLASS_NAMES:
+    for name in (n for n in next(iter(gaps.values()), {}) if n != "underdiagnosis"):
         lines.append(f"| {name} | " + " | ".join(fmt(gaps[a][name]["tpr"]) for a in gaps) + " |")
     return lines + ["", f"![True-positive rate by subgroup](curves/{figure})", ""]

@@ -1,7 +1,7 @@
 """`cxr-fast export`: a trained checkpoint as DIR/model.onnx plus DIR/model.json, everything scoring needs outside
 this package: class names, validation thresholds, calibration, preprocessing and versions.
 
-The ONNX graph takes the normalised image (N x C x H x W float32, any N) and returns the 14 logits. Before it reports
+The ONNX graph takes the normalised image (N x C x H x W float32, any N) and returns a logit per class. Before it reports
 success the export scores the same inputs with ONNX Runtime and with PyTorch and requires the probabilities to agree
 within 1e-3; otherwise nothing is left behind.
 """
@@ -97,6 +97,8 @@ def _export(checkpoint: str | Path, out: Path) -> dict:
                                                         "dtype": "float32"},
             "output": {"name": "logits", "shape": ["batch", len(info.classes)], "activation": "sigmoid"},
             "preprocessing": {"gray": "8-bit gray (DICOM: modality LUT, VOI window, MONOCHROME1 inverted)",
+                              "fit": data.fit, "fit_rule": "pad: centred on a black square as wide as the longer "
+                              "side; squash: resized as it is",
                               "resize": "OpenCV INTER_AREA to image_size x image_size", "image_size": data.image_size,
                               "clahe_clip_limit": data.clahe_clip_limit, "clahe_tiles": data.clahe_tiles,
                               "normalise": "(x - gray_mean) / gray_std", "gray_mean": C.GRAY_MEAN,
@@ -158,7 +160,7 @@ def _check_fields(meta: dict, path: Path) -> None:
     pre = meta.get("preprocessing") or {}
     try:
         DataConfig(image_size=pre["image_size"], in_chans=pre["in_chans"], clahe_clip_limit=pre["clahe_clip_limit"],
-                   clahe_tiles=pre["clahe_tiles"])
+                   clahe_tiles=pre["clahe_tiles"], fit=pre.get("fit", "squash"))
     except (KeyError, TypeError) as error:
         raise CxrFastError(f"{path}: preprocessing lacks {error}") from None
     except CxrFastError as error:

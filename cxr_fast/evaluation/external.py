@@ -1,9 +1,10 @@
 """`cxr-fast analyze --predictions predictions.csv --labels table.csv`: an external test set (another hospital's
 images run through `predict`) scored against its label table with the metrics, calibration, operating points,
 subgroup audit and report of `analyze`, without sharding it. Thresholds, operating points and calibration are the
-checkpoint's, chosen on its validation split, as for `analyze`. Predictions and table are joined by image name (the
-file name of `image`, or `image_index` as `analyze` writes it); rows with an error, and images without a label, are
-left out and counted in the report."""
+checkpoint's, chosen on its validation split, as for `analyze`. The table is read by a data-set description
+(`--dataset`, NIH's by default); the checkpoint's classes the table lacks count as not stated. Predictions and table
+are joined by file name (of `image`, or `image_index` as `analyze` writes it; of the table's image path); rows with
+an error, and images without a label, are left out and counted in the report."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_fast import constants as C
 from cxr_fast.config import AnalyzeConfig
-from cxr_fast.data.labels import demographics, multi_hot, read_label_table
+from cxr_fast.data.datasets import Request, SampleTable, read_dataset
 from cxr_fast.data.split import split_summary
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import OWN_FILES, ScoredSplit, clinical_sections
@@ -28,14 +28,15 @@ from cxr_fast.training.checkpoint import load_model
 log = logging.getLogger(__name__)
 
 
-def read_predictions(path: Path) -> pd.DataFrame:
-    """predict's or analyze's predictions.csv, indexed by image name, with the 14 probabilities; error rows out."""
+def read_predictions(path: Path, classes: list[str]) -> pd.DataFrame:
+    """predict's or analyze's predictions.csv, indexed by image name, with a probability per class; error rows
+    out."""
     try:
         table = pd.read_csv(path, dtype={"error": str})
     except (OSError, ValueError) as error:
         raise CxrFastError(f"cannot read predictions {path}: {error}") from None
     names = table["image_index"] if "image_index" in table else table.get("image")
-    missing = [f"prob_{c}" for c in C.CLASS_NAMES if f"prob_{c}" not in table]
+    missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in table]
     if names is None or missing:
         raise CxrFastError(f"{path}: expected predict's or analyze's predictions.csv (image or image_index, "
                            f"prob_<Class>); missing {', '.join(missing[:3]) or 'image'}")
@@ -48,37 +49,50 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return table
 
 
+def labelled(table: SampleTable, classes: list[str]) -> np.ndarray:
+    """The table's labels in the order of `classes`; a class it does not have, not stated."""
+    out = np.full((len(table.frame), len(classes)), np.nan)
+    for c, name in enumerate(classes):
+        if name in table.classes:
+            out[:, c] = table.labels[:, table.classes.index(name)]
+    return out
+
+
 def run_external_analysis(checkpoint: Path, predictions: Path, labels: Path, out: Path,
                           config: AnalyzeConfig = AnalyzeConfig(), overwrite: bool = False) -> dict:
     _model, info = load_model(checkpoint, "cpu")
-    scored_table = read_predictions(Path(predictions))
-    table = read_label_table(labels)
-    table = table[table[C.COL_IMAGE].isin(scored_table.index)].reset_index(drop=True)
-    if table.empty:
+    scored_table = read_predictions(Path(predictions), info.classes)
+    table = read_dataset(config.dataset, Request(Path(labels).parent, Path(labels)))
+    names = table.frame["path"].fillna(table.frame["image"]).map(lambda n: Path(str(n)).name)
+    if names.duplicated().any():
+        raise CxrFastError(f"{labels}: file name {names[names.duplicated()].iloc[0]!r} occurs twice; predictions are "
+                           "joined by file name")
+    table = table.subset(names.isin(scored_table.index).to_numpy())
+    keys = list(names[names.isin(scored_table.index)])
+    if not keys:
         raise CxrFastError(f"no image of {predictions} has a row in {labels} (joined by file name)")
-    probs = scored_table.loc[table[C.COL_IMAGE], [f"prob_{c}" for c in C.CLASS_NAMES]].to_numpy(np.float64)
-    people = demographics(table)
-    rows = pd.DataFrame({"image_index": table[C.COL_IMAGE], "patient_id": table[C.COL_PATIENT],
-                         "age": people["age"], "sex": people["sex"], "view": people["view"]})
-    keys = list(table[C.COL_IMAGE])
-    scored = ScoredSplit(keys, rows.set_index(pd.Index(keys)), multi_hot(table).astype(np.float64), probs, None,
-                         info, None, {})
-    summary = split_summary(table, pd.Series("test", index=table.index))["test"]
+    probs = scored_table.loc[keys, [f"prob_{c}" for c in info.classes]].to_numpy(np.float64)
+    rows = pd.DataFrame({"image_index": keys, "patient_id": table.frame["patient"].to_numpy(),
+                         "age": table.frame["age"].to_numpy(), "sex": table.frame["sex"].to_numpy(),
+                         "view": table.frame["view"].to_numpy(), "dataset": table.dataset}, index=pd.Index(keys))
+    scored = ScoredSplit(keys, rows, labelled(table, info.classes), probs, None, info, None, {})
+    summary = split_summary(table, pd.Series("test", index=table.frame.index))["test"]
     manifest = {"config": {"labels": str(labels), "images": f"the images scored in {predictions}",
                            "split_lists": "an external test set"}, "splits": {"external": summary}}
     out = make_folder(Path(out))
     with folder_lock(out, "an analysis"):
         claim_output(out, OWN_FILES, overwrite)
-        metrics = per_class_report(scored.targets, probs, info.thresholds, groups=rows["patient_id"].to_numpy(),
+        metrics = per_class_report(scored.targets, probs, info.thresholds, info.classes,
+                                   groups=rows["patient_id"].to_numpy(),
                                    n_boot=config.bootstrap)
         metrics |= {"split": "external", "checkpoint": str(checkpoint), "checkpoint_epoch": info.epoch,
                     "predictions": str(predictions), "labels": str(labels), "images_left_out":
-                    int(len(scored_table) - len(table)), "inference_images_per_second": float("nan"),
+                    int(len(scored_table) - len(table.frame)), "inference_images_per_second": float("nan"),
                     "device": "external", "loader": "none",
                     "threshold_source": "F1-optimal per class on the validation split, stored in the checkpoint"}
         kept = scored_table.loc[keys].drop(columns=["image_index", "image"], errors="ignore")
         kept.reset_index(names="image_index").to_csv(out / "predictions.csv", index=False)
-        curves = plot_curves(scored.targets, probs, info.thresholds, out / "curves")
+        curves = plot_curves(scored.targets, probs, info.thresholds, info.classes, out / "curves")
         clinical = clinical_sections(metrics, scored, manifest, config, out / "curves")
         metrics["localization"] = None
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from cxr_fast.config import PredictConfig
 from cxr_fast.data.source import image_files
 from cxr_fast.errors import CxrFastError
+from cxr_fast.data.transforms import map_to_source
+from cxr_fast.evaluation.report import file_stem
 from cxr_fast.evaluation.cam import CamExplainer, overlay
 from cxr_fast.evaluation.predictor import Predictor, Prepared
 from cxr_fast.files import atomic_write, claim_output, folder_lock, make_folder
@@ -112,7 +114,7 @@ def _score(predictor: Predictor, paths: list[Path], prepared: list[Prepared], ca
             row |= {f"calibrated_{c}": p for c, p in (result.calibrated or {}).items()}
             row |= {"findings": "|".join(result.findings) or "No Finding", "error": ""}
             if cams is not None:
-                _write_cams(cams.explainer, inputs[k:k + 1], item.gray, result.findings, predictor.classes,
+                _write_cams(cams.explainer, inputs[k:k + 1], item.gray, result.findings, predictor,
                             cams.folder / cams.stems[path])
         row |= {"operating_point": predictor.config.operating_point, "warning": "; ".join(item.warnings)}
         row |= {column: item.meta.get(column, "") for column in ID_COLUMNS}
@@ -130,15 +132,14 @@ def cam_stems(files: list[Path]) -> dict[Path, str]:
             f"{path.stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}" for path in files}
 
 
-def _write_cams(explainer, model_input, gray: np.ndarray, findings: list[str], classes: list[str],
-                stem: Path) -> None:
+def _write_cams(explainer, model_input, gray: np.ndarray, findings: list[str], predictor, stem: Path) -> None:
     """One Grad-CAM++ overlay per finding called positive, <stem>_<Class>.png, drawn on the original image (the map
-    scaled to it)."""
+    scaled to it, its padding taken off)."""
     stem.parent.mkdir(exist_ok=True)
     for finding in findings:
-        heat = explainer(model_input, classes.index(finding))
-        heat = cv2.resize(heat, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
-        target = stem.parent / f"{stem.name}_{finding}.png"
+        heat = explainer(model_input, predictor.classes.index(finding))
+        heat = map_to_source(heat, gray.shape, predictor.data.fit)
+        target = stem.parent / f"{stem.name}_{file_stem(finding)}.png"
         if not cv2.imwrite(str(target), overlay(gray, heat)):
             raise CxrFastError(f"cannot write the Grad-CAM++ overlay {target} (disk full or not writable)")
 

@@ -77,7 +77,8 @@ class Predictor:
             meta = read_metadata(path)
             pre = meta["preprocessing"]
             data = DataConfig(image_size=pre["image_size"], in_chans=pre["in_chans"],
-                              clahe_clip_limit=pre["clahe_clip_limit"], clahe_tiles=pre["clahe_tiles"])
+                              clahe_clip_limit=pre["clahe_clip_limit"], clahe_tiles=pre["clahe_tiles"],
+                              fit=pre.get("fit", "squash"))  # exports older than --fit squashed
             return cls(OnnxModel(path), data, meta["classes"], meta["operating_points"], meta.get("calibration"),
                        config)
         device = resolve_device(config.device)

@@ -10,8 +10,7 @@ matplotlib.use("Agg")  # files only; no display on GPU nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cxr_fast import constants as C  # noqa: E402
-from cxr_fast.metrics import confusion_stats, precision_recall_curve, roc_curve  # noqa: E402
+from cxr_fast.metrics import confusion_stats, precision_recall_curve, roc_curve, stated  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -20,20 +19,32 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, folder: Path) -> dict:
+def finding_names(classes: list[str], flags: np.ndarray) -> str:
+    """The names of the flagged classes, "|"-joined as NIH writes them; "none" when no class is flagged."""
+    return "|".join(classes[i] for i in np.flatnonzero(flags)) or "none"
+
+
+def file_stem(name: str) -> str:
+    """A class name as part of a file name (CheXpert's have spaces and a slash-free form is wanted everywhere)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def plot_curves(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, classes: list[str],
+                folder: Path) -> dict:
     """ROC and PR curves: one grid of all classes and one figure per class, with the operating point marked."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"grid": {}, "classes": {}}
+    columns = int(np.ceil(np.sqrt(len(classes))))
     for kind in ("roc", "pr"):
-        grid, axes = plt.subplots(4, 4, figsize=(14, 13))
-        for c, name in enumerate(C.CLASS_NAMES):
+        grid, axes = plt.subplots(columns, columns, figsize=(3.5 * columns, 3.25 * columns), squeeze=False)
+        for c, name in enumerate(classes):
             single, ax_single = plt.subplots(figsize=(4.5, 4.2))
             for ax in (axes.flat[c], ax_single):
                 _draw_curve(ax, kind, targets[:, c], probs[:, c], thresholds[c], name)
-            path = folder / f"{kind}_{name}.png"
+            path = folder / f"{kind}_{file_stem(name)}.png"
             _save(single, path)
             files["classes"].setdefault(name, {})[kind] = path.name
-        for ax in axes.flat[C.NUM_CLASSES:]:
+        for ax in axes.flat[len(classes):]:
             ax.axis("off")
         path = folder / f"{kind}_all.png"
         _save(grid, path)
@@ -43,6 +54,7 @@ def plot_curves(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, 
 
 def _draw_curve(ax, kind, y, scores, threshold, name):
     ax.set_title(name, fontsize=10)
+    y, scores = stated(y, scores)
     if not y.any() or y.all():
         ax.text(0.5, 0.5, "undefined:\nonly one class present", ha="center", va="center")
         return
@@ -75,8 +87,8 @@ def write_analysis_report(out: Path, metrics: dict, curves: dict, gallery: dict,
                           clinical: list[str] | None = None) -> Path:
     """report.md: summary, how thresholds were chosen, per-class table, the clinical sections (data, calibration,
     operating points, subgroups), curves, error gallery, localisation."""
-    sections = [_summary(metrics), _class_table(metrics), clinical or [], _curves(curves), _gallery(gallery),
-                _localization(localization)]
+    sections = [_summary(metrics), _class_table(metrics), _datasets(metrics), clinical or [],
+                _curves(curves), _gallery(gallery), _localization(localization)]
     path = out / "report.md"
     path.write_text("\n".join(line for section in sections for line in section))
     return path
@@ -122,6 +134,21 @@ def _class_table(metrics: dict) -> list[str]:
         "",
         *(["Undefined values:", *undefined, ""] if undefined else []),
     ]
+
+
+def _datasets(metrics: dict) -> list[str]:
+    """Per data set of a merged shard set: its images and AUROC over the classes it states."""
+    datasets = metrics.get("datasets")
+    if not datasets:
+        return []
+    classes = [c for c in metrics["classes"] if any(c in d["auroc"] for d in datasets.values())]
+    rows = [f"| {name} | {d['images']} | {fmt(d['macro_auroc'])} | " +
+            " | ".join(fmt(d["auroc"][c]) if c in d["auroc"] else "-" for c in classes) + " |"
+            for name, d in datasets.items()]
+    return ["## Per data set", "AUROC on each data set's own images, over the classes it states (- : not stated "
+            "there); the tables above pool them.", "",
+            "| data set | images | macro AUROC | " + " | ".join(classes) + " |",
+            "|---|---:|---:|" + "---:|" * len(classes), *rows, ""]
 
 
 def _curves(curves: dict) -> list[str]:

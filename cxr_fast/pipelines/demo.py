@@ -16,9 +16,9 @@ from cxr_fast.bench.machine import write_json
 from cxr_fast.config import (AnalyzeConfig, BenchLoaderConfig, DemoConfig, RunConfig, ShardConfig, SynthConfig,
                              replace)
 from cxr_fast.data.eda import write_eda_report
-from cxr_fast.data.labels import read_label_table
+from cxr_fast.data.datasets import Request, read_dataset
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import run_analysis
 from cxr_fast.training.run import run_training
@@ -46,10 +46,10 @@ def run_demo(config: DemoConfig) -> dict[str, Path]:
         log.info("[1/%d] real data: %s", steps, config.images)
         images, labels = Path(config.images), Path(config.labels)
     log.info("[2/%d] shards (patient-level split)", steps)
-    write_shards(images, labels, ShardConfig(out=str(out / "shards"), val_fraction=0.15, shard_size=250,
+    write_shards(ShardInput(images, labels), ShardConfig(out=str(out / "shards"), val_fraction=0.15, shard_size=250,
                                              seed=config.seed))
     log.info("[3/%d] EDA of the label table", steps)
-    write_eda_report(read_label_table(labels), out / "eda", str(labels))
+    write_eda_report(read_dataset("nih", Request(Path(images), Path(labels))), out / "eda", str(labels))
 
     gpu = torch.cuda.is_available()
     recipe = dict(GPU_RECIPE if gpu else CPU_RECIPE, seed=config.seed)

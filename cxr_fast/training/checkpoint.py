@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cxr_fast import __version__
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.config import RunConfig, from_dict, to_dict
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.engine import unwrap
@@ -135,10 +135,10 @@ def load_checkpoint(path: str | Path) -> dict:
                                "checkpoint of the run (best.pt / last.pt) or an earlier copy")
     else:
         payload = _from_format_1(payload)
-    classes = payload.get("class_names")
-    if classes is not None and list(classes) != list(C.CLASS_NAMES):
-        raise CxrFastError(f"{path} was trained on other classes ({', '.join(map(str, classes))[:200]}); this "
-                           "version expects the 14 NIH findings in canonical order")
+    classes = payload.setdefault("class_names", list(nih.CLASSES))  # checkpoints older than class names: NIH's
+    if not isinstance(classes, list) or not classes or len(set(classes)) != len(classes) or \
+            not all(isinstance(c, str) and c for c in classes):
+        raise CxrFastError(f"{path}: class_names must be a list of distinct names, got {str(classes)[:200]}")
     return payload
 
 
@@ -183,12 +183,15 @@ def restore_rng_states(states: dict) -> None:
 def stored_config(payload: dict, path: str | Path) -> RunConfig:
     """The RunConfig a checkpoint holds; a bad stored value is an error naming the checkpoint and the field."""
     try:
-        return from_dict(RunConfig, payload["config"], where="config")
+        stored = payload["config"]
+        if isinstance(stored.get("data"), dict) and "fit" not in stored["data"]:  # from before --fit: squashed
+            stored = {**stored, "data": {**stored["data"], "fit": "squash"}}
+        return from_dict(RunConfig, stored, where="config")
     except CxrFastError as error:
         field = re.sub(r" \(--[a-z-]+\)", "", str(error))  # the field, not a flag the user never gave
         raise CxrFastError(f"{path}: its stored config is not valid: {field}; the checkpoint is damaged or was "
                            "edited") from None
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         raise CxrFastError(f"{path}: no readable stored config; the checkpoint is damaged or was edited") from None
 
 
@@ -225,16 +228,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", need_thresh
         raise CxrFastError(f"{path} has no validation thresholds (saved before the first validation); use best.pt "
                            "or a last.pt written at an epoch end")
     if payload.get("thresholds") is not None:
-        check_thresholds(payload["thresholds"], len(payload.get("class_names") or C.CLASS_NAMES), f"{path}")
+        check_thresholds(payload["thresholds"], len(payload["class_names"]), f"{path}")
     config = stored_config(payload, path)
-    model = create_model(config.model, config.data.in_chans, pretrained=False)
+    model = create_model(config.model, config.data.in_chans, len(payload["class_names"]), pretrained=False)
     weights = "ema" if payload.get("ema") is not None else "model"
     try:
         model.load_state_dict(payload[weights])
     except RuntimeError as error:
         raise CxrFastError(f"{path}: the weights do not fit {config.model.name}: {str(error)[:300]}") from None
     thresholds = payload.get("thresholds")
-    info = ModelInfo(Path(path), config, list(payload.get("class_names") or C.CLASS_NAMES),
+    info = ModelInfo(Path(path), config, list(payload["class_names"]),
                      None if thresholds is None else np.asarray(thresholds, dtype=np.float64),
                      payload.get("calibration"), payload.get("operating_points"), int(payload.get("epoch", 0)),
                      payload.get("val"), weights)
@@ -251,7 +254,7 @@ def training_payload(state, config: RunConfig, rng: list | dict, best_auc: float
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
             "ema": state.ema.module.state_dict() if state.ema is not None else None, "epoch": state.epoch,
             "step": state.step, "batch_in_epoch": state.batch_in_epoch, "history": dict(state.history), "rng": rng,
-            "config": to_dict(config), "class_names": list(C.CLASS_NAMES), "best_auc": float(best_auc),
+            "config": to_dict(config), "class_names": list(state.classes), "best_auc": float(best_auc),
             "thresholds": chosen.get("thresholds"), "operating_points": chosen.get("operating_points"),
             "calibration": chosen.get("calibration"), "val": val,
             "side_schedule": side_schedule(config.data.image_size, config.optim.epochs, config.optim.progressive,

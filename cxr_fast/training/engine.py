@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
 
 
@@ -35,6 +34,7 @@ class TrainState:
     clip_grad_norm: float
     loss_fn: nn.Module
     device: torch.device
+    classes: tuple[str, ...]  # the names of the model's outputs, in order
     ema: nn.Module | None = None
     on_step: object = None  # called as on_step(step, loss, lr) after each optimizer step (TensorBoard)
     epoch: int = 0
@@ -294,7 +294,7 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, amp_dtype: torch.dtyp
              on_batch=None) -> dict:
     """Predictions over the whole split on the loader's device, gathered across ranks when a process group is up
     (each sample exactly once): probs, targets, keys (sorted by key, so every rank holds the same arrays) and the mean
-    loss. Results stay on the device until the end (one transfer, no sync per batch); `on_batch(batch, probs)` sees
+    loss. Targets are NaN where a label is not stated. Results stay on the device until the end (one transfer, no sync per batch); `on_batch(batch, probs)` sees
     each batch as it is scored."""
     device = loader.device
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -311,9 +311,9 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, amp_dtype: torch.dtyp
         keys += batch.keys
         if on_batch is not None:
             on_batch(batch, batch_probs)
-    part = (torch.cat(probs).cpu().numpy() if probs else np.zeros((0, C.NUM_CLASSES), np.float32),
-            torch.cat(targets).cpu().numpy() if targets else np.zeros((0, C.NUM_CLASSES), np.float32), keys,
-            float(loss_sum.item()))
+    empty = np.zeros((0, getattr(unwrap(model), "num_classes", 0)), np.float32)  # a rank without samples
+    part = (torch.cat(probs).cpu().numpy() if probs else empty, torch.cat(targets).cpu().numpy() if targets else empty,
+            keys, float(loss_sum.item()))
     parts = [part]
     if distributed:
         parts = [None] * dist.get_world_size()

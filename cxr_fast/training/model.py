@@ -1,7 +1,7 @@
-"""`create_model()`: a timm backbone with the 14-finding head, ImageNet weights from the hub or a local file.
+"""`create_model()`: a timm backbone with a head of one logit per class, ImageNet weights from the hub or a local file.
 
 For ConvNeXt, timm's own head already is the head we want: global average pool → LayerNorm → Dropout(drop_rate) →
-Linear(features, 14) (1536 → 14 for convnext_large), so the pretrained LayerNorm is kept. Other timm models get
+Linear(features, classes) (1536 → 14 for convnext_large on NIH), so the pretrained LayerNorm is kept. Other timm models get
 their family's head with the same dropout. Outputs are logits; sigmoid is applied at inference.
 """
 
@@ -12,13 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxr_fast import constants as C
 from cxr_fast.config import ModelConfig
 from cxr_fast.errors import CxrFastError
 
 
-def create_model(config: ModelConfig, in_chans: int = 1, num_classes: int = C.NUM_CLASSES,
-                 pretrained: bool | None = None) -> nn.Module:
+def create_model(config: ModelConfig, in_chans: int, num_classes: int, pretrained: bool | None = None) -> nn.Module:
     """Build the classifier. A one-channel stem folds the pretrained RGB weights (timm sums them over channels).
 
     pretrained=None follows the config; False is used when a checkpoint will overwrite the weights anyway.

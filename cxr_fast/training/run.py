@@ -22,12 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cxr_fast import constants as C
 from cxr_fast.calibration import fit_calibration
 from cxr_fast.config import RunConfig, dump_yaml
 from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
-from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
@@ -38,8 +36,8 @@ from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.memory import resolve_batch
 from cxr_fast.training.monitor import RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
-from cxr_fast.training.setup import (EVAL_BATCH_FACTOR, Env, build_model, build_state, check_splits, epoch_sides,
-                                     loader_seed, plan_epochs, setup_distributed, validated_epochs)
+from cxr_fast.training.setup import (EVAL_BATCH_FACTOR, Env, build_model, build_state, check_classes, check_splits,
+                                     epoch_sides, loader_seed, plan_epochs, setup_distributed, validated_epochs)
 
 log = logging.getLogger(__name__)
 # Optimizer steps at a new input side (a run's first, each change of side) left out of train_images_per_second:
@@ -84,11 +82,12 @@ class Run:
         manifest = load_manifest(shards_dir)
         check_splits(manifest, env.world_size)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
-        model, ema = build_model(config, env, resumed)
+        check_classes(manifest, resumed)
+        model, ema = build_model(config, env, resumed, len(manifest["classes"]))
         torch.manual_seed(config.seed + env.rank)  # then each rank its own dropout and augmentation draws
         self.config = config = resolve_batch(config, model, env.device, resolve_amp(config.amp, env.device))
         self.plan = plan_epochs(config, manifest, env.world_size)
-        weights = inverse_frequency_weights(manifest["splits"]["train"]["prevalence"], self.plan.train_images) \
+        weights = inverse_frequency_weights(manifest["splits"]["train"], self.plan.classes) \
             if config.optim.class_weighting == "inverse_frequency" else None
         self.state = build_state(config, self.plan, env, model, ema, FocalLoss(config.optim.focal_gamma, weights))
         self.loss_fn = self.state.loss_fn
@@ -177,10 +176,10 @@ class Run:
         auc, per_class = macro_auc(targets, probs)
         points = operating_points(targets, probs)
         self.chosen = {"thresholds": [float(t) for t in points["max_f1"]], "calibration":
-                       fit_calibration(targets, probs),
+                       fit_calibration(targets, probs, self.plan.classes),
                        "operating_points": {k: [float(t) for t in v] for k, v in points.items()}}
         return {"val_loss": float(result["loss"]), "val_macro_auc": float(auc),
-                "val_auc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(C.CLASS_NAMES, per_class)},
+                "val_auc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(self.plan.classes, per_class)},
                 "val_images": len(result["keys"])}
 
     def epoch_end(self, stats: EpochStats | None) -> dict:

@@ -42,6 +42,7 @@ class Env:
 
 @dataclass(frozen=True)
 class Plan:
+    classes: tuple[str, ...]  # the shard set's, in its order: the model's outputs
     train_images: int
     steps_per_epoch: int  # optimizer steps
     batches_per_epoch: int  # micro-batches per rank
@@ -85,6 +86,13 @@ def check_splits(manifest: dict, world_size: int) -> None:
         raise CxrFastError("the shards have an empty validation split; re-shard with --val-fraction > 0")
 
 
+def check_classes(manifest: dict, resumed: dict | None) -> None:
+    """A resumed run continues on shards of the classes it was trained on."""
+    if resumed is not None and list(resumed["class_names"]) != list(manifest["classes"]):
+        raise CxrFastError(f"the checkpoint was trained on classes {', '.join(resumed['class_names'])[:300]}; these "
+                           f"shards have {', '.join(manifest['classes'])[:300]}")
+
+
 def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
     """Whole optimizer steps per epoch, the same on every rank (each rank's remainder is left for the next epoch's
     shuffle)."""
@@ -94,7 +102,7 @@ def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
     if steps < 1:
         raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world_size} "
                            "rank(s); lower --batch-size or --accum")
-    return Plan(n_train, steps, steps * accum)
+    return Plan(tuple(manifest["classes"]), n_train, steps, steps * accum)
 
 
 def loader_seed(seed: int, epoch: int, rank: int) -> int:
@@ -122,9 +130,9 @@ def check_input_sides(model: torch.nn.Module, name: str, sides: set[int]) -> Non
                            f"{size[0]} (without --progressive), or choose a convolutional model")
 
 
-def build_model(config: RunConfig, env: Env, resumed: dict | None):
+def build_model(config: RunConfig, env: Env, resumed: dict | None, classes: int):
     """The model with its weights (loaded before any wrapping) and its EMA."""
-    model = create_model(config.model, config.data.in_chans,
+    model = create_model(config.model, config.data.in_chans, classes,
                          pretrained=None if resumed is None else False).to(env.device)
     check_input_sides(model, config.model.name, set(epoch_sides(config)))
     if resumed is not None:
@@ -152,4 +160,4 @@ def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module,
     amp_dtype = resolve_amp(config.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
-                      config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, ema)
+                      config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, plan.classes, ema)

@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REAL_TABLE, needs_real_data
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.labels import format_finding_labels, multi_hot, parse_finding_labels, read_label_table
+from cxr_fast.data.datasets.nih import format_finding_labels, multi_hot, parse_finding_labels, read_label_table
 
 
 def _table(tmp_path, rows, columns=("Image Index", "Finding Labels", "Patient ID")):
@@ -21,7 +21,7 @@ def _table(tmp_path, rows, columns=("Image Index", "Finding Labels", "Patient ID
 def test_no_finding_is_all_zero_and_order_is_canonical():
     assert parse_finding_labels("No Finding").sum() == 0
     vector = parse_finding_labels("Hernia|Atelectasis")
-    assert vector[0] == 1 and vector[C.CLASS_NAMES.index("Hernia")] == 1 and vector.sum() == 2
+    assert vector[0] == 1 and vector[nih.CLASSES.index("Hernia")] == 1 and vector.sum() == 2
     assert format_finding_labels(vector) == "Atelectasis|Hernia"
 
 
@@ -62,8 +62,8 @@ def test_real_table_reads_with_the_published_counts():
     assert len(table) == 112_120
     assert table["Patient ID"].nunique() == 30_805
     assert (labels.sum(axis=1) == 0).sum() == 60_361
-    assert labels[:, C.CLASS_NAMES.index("Infiltration")].sum() == 19_894
-    assert labels[:, C.CLASS_NAMES.index("Hernia")].sum() == 227
+    assert labels[:, nih.CLASSES.index("Infiltration")].sum() == 19_894
+    assert labels[:, nih.CLASSES.index("Hernia")].sum() == 227
 
 
 def test_gzipped_table_reads(tmp_path):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import REAL_IMAGES, REAL_TABLE, needs_real_data
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.labels import parse_finding_labels, read_label_table
+from cxr_fast.data.datasets.nih import parse_finding_labels, read_label_table
 from dataclasses import replace
 
 from cxr_fast.config import ShardConfig
@@ -20,7 +20,7 @@ from cxr_fast.data.reader import MANIFEST, load_manifest
 from cxr_fast.data.tario import dali_index
 from cxr_fast.data.verify import verify
 from cxr_fast.data.shard_folder import PROGRESS
-from cxr_fast.data.writer import write_shards
+from cxr_fast.data.writer import ShardInput, write_shards
 
 
 def _source_gray(image_index):
@@ -105,7 +105,7 @@ def test_manifest_contract(real_shards):
 @pytest.mark.parametrize("encoding, resize, tolerance", [("raw", None, 0), ("png", 128, 0), ("jpeg", None, 3.0)])
 def test_other_encodings_round_trip(synth_dir, tmp_path, encoding, resize, tolerance):
     out = tmp_path / "shards"
-    manifest = write_shards(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv", ShardConfig(out=str(out),
+    manifest = write_shards(ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"), ShardConfig(out=str(out),
                                                                                                      workers=1,
                                                                                                      encoding=encoding, resize=resize, shard_size=40))
     for sample in wds.WebDataset([str(out / n) for n in manifest["splits"]["train"]["shards"]], shardshuffle=False):
@@ -138,10 +138,10 @@ def test_bad_input_fails_cleanly_or_is_skipped_and_listed(synth_dir, tmp_path, d
     labels = synth_dir / "Data_Entry_2017.csv"
     out = tmp_path / "out"
     with pytest.raises(CxrFastError, match=victim.name):
-        write_shards(images, labels, ShardConfig(out=str(out), workers=2, shard_size=4))
+        write_shards(ShardInput(images, labels), ShardConfig(out=str(out), workers=2, shard_size=4))
     assert not out.exists() or not any(out.rglob("*"))  # no partial output
 
-    manifest = write_shards(images, labels, ShardConfig(out=str(out), workers=2, shard_size=4, on_error="skip"))
+    manifest = write_shards(ShardInput(images, labels), ShardConfig(out=str(out), workers=2, shard_size=4, on_error="skip"))
     assert [s["file"] for s in manifest["skipped"]] == [str(victim)]
     assert manifest["skipped"][0]["reason"]
     total = sum(manifest["splits"][s]["images"] for s in ("train", "val", "test"))
@@ -160,16 +160,16 @@ def test_unreadable_folder_is_reported(synth_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr("cxr_fast.data.writer.os.walk", walk_with_denied_subfolder)
     with pytest.raises(CxrFastError, match=f"cannot read folder {images / 'sub'}: Permission denied"):
-        write_shards(images, synth_dir / "Data_Entry_2017.csv", ShardConfig(out=str(tmp_path / "out")))
+        write_shards(ShardInput(images, synth_dir / "Data_Entry_2017.csv"), ShardConfig(out=str(tmp_path / "out")))
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(synth_dir, tmp_path):
     images, labels = synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"
     spec = ShardConfig(shard_size=8)
-    reference = write_shards(images, labels, replace(spec, out=str(tmp_path / "ref"), workers=2))
+    reference = write_shards(ShardInput(images, labels), replace(spec, out=str(tmp_path / "ref"), workers=2))
 
     out = tmp_path / "out"
-    full = write_shards(images, labels, replace(spec, out=str(out), workers=2))
+    full = write_shards(ShardInput(images, labels), replace(spec, out=str(out), workers=2))
     # Recreate what a kill leaves: no manifest, progress for all shards but one, the last tar half-written.
     lost = "train/shard-000002.tar"
     finished = {name: record for name, record in full["shards"].items() if name != lost}
@@ -178,7 +178,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(synth_dir, tmp
     (out / PROGRESS).write_text(json.dumps({"shards": finished}))
     before = {name: (out / name).stat().st_mtime_ns for name in finished}
 
-    resumed = write_shards(images, labels, replace(spec, out=str(out), workers=2))
+    resumed = write_shards(ShardInput(images, labels), replace(spec, out=str(out), workers=2))
     assert {n: r["sha256"] for n, r in resumed["shards"].items()} == \
         {n: r["sha256"] for n, r in reference["shards"].items()}
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in before.items())  # not rewritten

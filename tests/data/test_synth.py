@@ -1,8 +1,8 @@
 import cv2
 import numpy as np
 
-from cxr_fast import constants as C
-from cxr_fast.data.labels import read_label_table
+from cxr_fast.data.datasets import nih
+from cxr_fast.data.datasets.nih import read_label_table
 
 
 def test_synthetic_set_has_the_nih_layout(synth_dir):
@@ -34,7 +34,7 @@ def test_labels_follow_the_real_prevalence_order():
     labels = draw_labels(SynthConfig(n_images=4000), np.random.default_rng(0))
     prevalence = labels.mean(axis=0)
     assert 0.45 < (labels.sum(axis=1) == 0).mean() < 0.6  # about half "No Finding", as in NIH
-    assert prevalence.argmax() == C.CLASS_NAMES.index("Infiltration")
+    assert prevalence.argmax() == nih.CLASSES.index("Infiltration")
     assert prevalence.min() > 0.02  # rare classes floored so small sets have positives everywhere
 
 
@@ -43,7 +43,7 @@ def test_each_finding_changes_the_image():
 
     anatomy = {"lung_w": 160, "lung_h": 280}
     normal = ChestPainter(256, np.random.default_rng(0)).paint(np.zeros(14, np.uint8), anatomy).astype(float)
-    for index, name in enumerate(C.CLASS_NAMES):
+    for index, name in enumerate(nih.CLASSES):
         labels = np.zeros(14, np.uint8)
         labels[index] = 1
         image = ChestPainter(256, np.random.default_rng(0)).paint(labels, anatomy).astype(float)

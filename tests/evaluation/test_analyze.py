@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from sklearn.metrics import f1_score
 
 from conftest import REAL_BOXES
+from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.data.loader import Batch
 from cxr_fast.evaluation.analyze import ErrorCollector, run_analysis
@@ -33,11 +34,11 @@ def test_whole_command_on_the_cpu(tiny_run, synth_shards, tmp_path):
     test_count = json.loads((synth_shards / "manifest.json").read_text())["splits"]["test"]["images"]
     assert len(predictions) == test_count and predictions["image_index"].is_unique
     assert list(predictions.columns) == ["image_index"] + [f"{kind}_{c}" for kind in ("prob", "calibrated")
-                                                            for c in C.CLASS_NAMES]
+                                                            for c in nih.CLASSES]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["classes"]) == set(C.CLASS_NAMES)
+    assert set(metrics["classes"]) == set(nih.CLASSES)
     report = (out / "report.md").read_text()
-    assert all(f"| {c} |" in report for c in C.CLASS_NAMES)
+    assert all(f"| {c} |" in report for c in nih.CLASSES)
     assert (out / "curves/roc_all.png").exists() and (out / "curves/pr_Hernia.png").exists()
     overlays = list((out / "visualizations").rglob("*.png"))
     assert overlays and {p.parent.name for p in overlays} <= {"fp", "fn"}
@@ -50,7 +51,7 @@ def test_thresholds_come_from_validation_not_from_the_reported_split(tiny_run, s
     save_checkpoint(checkpoint, tmp_path / "planted.pt")
     metrics = run_analysis(tmp_path / "planted.pt", synth_shards, tmp_path / "out", AnalyzeConfig(top_k=0, bootstrap=0))
     predictions = pd.read_csv(tmp_path / "out/predictions.csv")
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(nih.CLASSES):
         assert metrics["classes"][name]["threshold"] == pytest.approx(planted[c])
     # F1 at the planted thresholds, recomputed with scikit-learn from predictions.csv and the shard labels.
     from cxr_fast.data.reader import split_shards
@@ -61,14 +62,14 @@ def test_thresholds_come_from_validation_not_from_the_reported_split(tiny_run, s
         for key, sample in walk_tar(tar):
             labels[json.loads(sample["json"])["image_index"]] = json.loads(sample["json"])["labels"]
     y = np.array([labels[i] for i in predictions["image_index"]])
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(nih.CLASSES):
         if y[:, c].any():
             pred = predictions[f"prob_{name}"].to_numpy() >= planted[c]
             assert metrics["classes"][name]["f1"] == pytest.approx(f1_score(y[:, c], pred))
 
 
 def test_cam_maps_have_the_input_size_and_stay_in_unit_range():
-    model = create_model(ModelConfig(name="convnext_atto", pretrained=False), in_chans=1).eval()
+    model = create_model(ModelConfig(name="convnext_atto", pretrained=False), in_chans=1, num_classes=14).eval()
     explainer = CamExplainer(model)
     for size in (64, 96):
         image = torch.randn(1, 1, size, size).contiguous(memory_format=torch.channels_last)
@@ -89,15 +90,15 @@ def test_localization_scores():
 def test_report_renders_all_classes_with_one_absent(tmp_path):
     rng = np.random.default_rng(0)
     y = (rng.random((60, 14)) < 0.3).astype(float)
-    y[:, C.CLASS_NAMES.index("Hernia")] = 0
+    y[:, nih.CLASSES.index("Hernia")] = 0
     probs = rng.random((60, 14))
-    metrics = per_class_report(y, probs, np.full(14, 0.5), groups=np.arange(60), n_boot=20)
+    metrics = per_class_report(y, probs, np.full(14, 0.5), list(nih.CLASSES), groups=np.arange(60), n_boot=20)
     metrics |= {"split": "test", "checkpoint": "x.pt", "checkpoint_epoch": 1, "inference_images_per_second": 1.0,
                 "device": "cpu", "loader": "dali"}
-    curves = plot_curves(y, probs, np.full(14, 0.5), tmp_path / "curves")
+    curves = plot_curves(y, probs, np.full(14, 0.5), list(nih.CLASSES), tmp_path / "curves")
     gallery = {"fp": [], "fn": []}
     report = write_analysis_report(tmp_path, metrics, curves, gallery, None).read_text()
-    assert all(f"| {c} |" in report for c in C.CLASS_NAMES)
+    assert all(f"| {c} |" in report for c in nih.CLASSES)
     assert "**Hernia**: no positive images" in report
 
 
@@ -107,7 +108,7 @@ def test_error_selection_is_the_most_confident_mistakes():
     probs = torch.zeros((5, 14))
     probs[:, 0] = torch.tensor([0.1, 0.9, 0.8, 0.95, 0.2])
     images = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, 1, 4, 4)
-    collector = ErrorCollector(np.full(14, 0.5), top_k=2, box_keys=set())
+    collector = ErrorCollector(np.full(14, 0.5), top_k=2, box_keys=set(), classes=list(nih.CLASSES))
     # Scored in two batches, as a loader delivers them.
     for rows in (slice(0, 3), slice(3, 5)):
         keys = [f"img{i}" for i in range(5)][rows]
@@ -121,7 +122,7 @@ def test_error_selection_is_the_most_confident_mistakes():
 
 def test_bad_inputs_give_clear_messages(tiny_run, synth_shards, tmp_path):
     checkpoint = load_checkpoint(tiny_run / "checkpoints/best.pt")
-    checkpoint["class_names"] = ["Cat"] * 14
+    checkpoint["class_names"] = [f"Cat {i}" for i in range(14)]  # a model of other classes than the shards'
     save_checkpoint(checkpoint, tmp_path / "other.pt")
     with pytest.raises(CxrFastError, match="trained on other classes"):
         run_analysis(tmp_path / "other.pt", synth_shards, tmp_path / "o1")
@@ -139,7 +140,7 @@ def test_gradcam_inputs_are_the_images_the_model_scored(tiny_run, synth_shards):
     from cxr_fast.training.losses import FocalLoss
 
     model, info = load_model(tiny_run / "checkpoints/best.pt")
-    collector = ErrorCollector(info.thresholds, top_k=2, box_keys=set())
+    collector = ErrorCollector(info.thresholds, top_k=2, box_keys=set(), classes=info.classes)
     loader = create_loader(LoaderSpec(synth_shards, "test", info.config.data, batch_size=8, train=False,
                                       loader="torch"))
     result = evaluate(model, loader, FocalLoss(), None, show_progress=False, on_batch=collector)

@@ -13,9 +13,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from conftest import REAL_TABLE
+from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration, expected_calibration_error, fit_calibration, fit_platt, logit
-from cxr_fast.data.labels import age_band, read_label_table
+from cxr_fast.data.labels import age_band
+from cxr_fast.data.datasets.nih import read_label_table
 from cxr_fast.data.reader import load_manifest, split_shards
 from cxr_fast.data.tario import walk_tar
 from cxr_fast.config import AnalyzeConfig
@@ -70,7 +72,7 @@ def test_platt_scaling_matches_scikit_learn_and_keeps_the_ranking():
     reference = LogisticRegression(C=1e9, tol=1e-10, max_iter=1000).fit(logit(raw)[:, None], y)
     assert a == pytest.approx(reference.coef_[0, 0], rel=1e-4) and b == pytest.approx(reference.intercept_[0],
                                                                                        abs=1e-4)
-    calibration = fit_calibration(np.stack([y] * 14, axis=1), np.stack([raw] * 14, axis=1))
+    calibration = fit_calibration(np.stack([y] * 14, axis=1), np.stack([raw] * 14, axis=1), list(nih.CLASSES))
     calibrated = apply_calibration(np.stack([raw] * 14, axis=1), calibration)[:, 0]
     assert roc_auc_score(y, calibrated) == pytest.approx(roc_auc_score(y, raw))
     assert expected_calibration_error(y, calibrated) < expected_calibration_error(y, raw)
@@ -106,13 +108,13 @@ def test_analysis_numbers_recomputed_independently(which, tiny_run, synth_shards
                                                                                                    bootstrap=20))
     predictions = pd.read_csv(tmp_path / "a/predictions.csv")
     y, people = _truth(shards, "test", predictions["image_index"])
-    probs = predictions[[f"prob_{c}" for c in C.CLASS_NAMES]].to_numpy()
-    calibrated = predictions[[f"calibrated_{c}" for c in C.CLASS_NAMES]].to_numpy()
+    probs = predictions[[f"prob_{c}" for c in nih.CLASSES]].to_numpy()
+    calibrated = predictions[[f"calibrated_{c}" for c in nih.CLASSES]].to_numpy()
     from cxr_fast.training.checkpoint import load_model
 
     _model, info = load_model(tiny_run / "checkpoints/best.pt")
     np.testing.assert_allclose(calibrated, apply_calibration(probs, info.calibration), atol=1e-6)
-    for c, name in enumerate(C.CLASS_NAMES):
+    for c, name in enumerate(nih.CLASSES):
         entry = metrics["calibration"][name]
         assert entry["ece_uncalibrated"] == pytest.approx(_ece_by_hand(y[:, c], probs[:, c]), abs=1e-6)
         assert entry["ece"] == pytest.approx(_ece_by_hand(y[:, c], calibrated[:, c]), abs=1e-6)
@@ -130,7 +132,7 @@ def test_analysis_numbers_recomputed_independently(which, tiny_run, synth_shards
             assert entry["images"] == rows.sum() and entry["patients"] == people.loc[rows, "patient_id"].nunique()
             if not rows.any():
                 continue
-            for c, name in enumerate(C.CLASS_NAMES):
+            for c, name in enumerate(nih.CLASSES):
                 yc = y[rows, c]
                 expected = roc_auc_score(yc, probs[rows, c]) if 0 < yc.sum() < len(yc) else None
                 if expected is None:

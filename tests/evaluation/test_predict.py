@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REAL_IMAGES, needs_real_data, write_dicom
+from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.data.dicom import read_dicom
 
-PROBS = [f"prob_{c}" for c in C.CLASS_NAMES]
+PROBS = [f"prob_{c}" for c in nih.CLASSES]
 
 
 def _run(args):
@@ -52,7 +53,7 @@ def test_predict_matches_analyze_on_the_same_images(tiny_run, synth_dir, synth_s
         assert np.abs(np.array([getattr(row, p) for p in PROBS]) - scored.loc[name, PROBS].to_numpy()).max() < 0.01
     thresholds = np.array(json.loads(json.dumps(_thresholds(tiny_run))))
     first = predicted.iloc[0]
-    called = [c for c, p in zip(C.CLASS_NAMES, first[PROBS]) if p >= thresholds[C.CLASS_NAMES.index(c)]]
+    called = [c for c, p in zip(nih.CLASSES, first[PROBS]) if p >= thresholds[nih.CLASSES.index(c)]]
     assert first["findings"] == ("|".join(called) or "No Finding")
 
 
@@ -122,7 +123,7 @@ def test_export_to_onnx_agrees_with_pytorch(tiny_run, synth_dir, tmp_path):
     export = _run(["export", "--checkpoint", tiny_run / "checkpoints/best.pt", "--out", tmp_path / "onnx"])
     assert export.exit_code == 0, export.output
     meta = json.loads((tmp_path / "onnx/model.json").read_text())
-    assert meta["classes"] == list(C.CLASS_NAMES) and len(meta["thresholds"]) == 14
+    assert meta["classes"] == list(nih.CLASSES) and len(meta["thresholds"]) == 14
     assert meta["preprocessing"]["image_size"] == 64 and meta["parity_max_abs_difference"] <= 1e-3
     images = sorted((synth_dir / "images_001/images").glob("*.png"))[:7]
     for model, out in ((tiny_run / "checkpoints/best.pt", "torch"), (tmp_path / "onnx/model.onnx", "scored")):
@@ -139,7 +140,7 @@ def test_cam_overlays_for_positive_findings(tiny_run, synth_dir, tmp_path):
                  "--cam"]).exit_code == 0
     table = pd.read_csv(tmp_path / "p/predictions.csv")
     expected = {f"{row.image.rsplit('/', 1)[1][:-4]}_{c}.png" for row in table.itertuples()
-                for c in row.findings.split("|") if c != C.NO_FINDING}
+                for c in row.findings.split("|") if c != nih.NO_FINDING}
     assert {p.name for p in (tmp_path / "p/cam").glob("*.png")} == expected
 
 

@@ -17,12 +17,12 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_dicom
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.cli import cli
 from cxr_fast.data.dicom import read_dicom, window
 from cxr_fast.errors import CxrFastError
 
-PROBS = [f"prob_{c}" for c in C.CLASS_NAMES]
+PROBS = [f"prob_{c}" for c in nih.CLASSES]
 
 
 def _run(args):
@@ -84,7 +84,7 @@ def test_a_16_bit_png_holding_12_bit_data_is_windowed_not_cut_to_its_high_byte(g
     source = read_gray(tmp_path / "x.png")
     low, high = int(gray.min()), int(gray.max())
     np.testing.assert_allclose(source.gray, np.rint((gray - low) * 255.0 / (high - low)), atol=1)
-    assert not source.is_gray_png
+    assert source.stored_as is None
 
 
 def test_a_voi_lut_stating_16_bits_but_holding_12_and_a_modality_lut_sequence(gray, tmp_path):
@@ -273,7 +273,7 @@ def test_the_predictor_equals_the_cli_and_refuses_an_unprocessed_tensor(tiny_run
     predictor = Predictor.load(tiny_run / "checkpoints/best.pt")
     for path in images:
         result = predictor.predict(path)
-        assert max(abs(result.probabilities[c] - table.loc[str(path), f"prob_{c}"]) for c in C.CLASS_NAMES) < 1e-6
+        assert max(abs(result.probabilities[c] - table.loc[str(path), f"prob_{c}"]) for c in nih.CLASSES) < 1e-6
     from_array = predictor.predict(cv2.imread(str(images[0]), cv2.IMREAD_GRAYSCALE))
     from_dataset = predictor.predict(pydicom.dcmread(write_dicom(tmp_path / "x.dcm", cv2.imread(str(images[0]), 0))))
     assert from_array.probabilities == pytest.approx(predictor.predict(images[0]).probabilities, abs=1e-6)
@@ -300,7 +300,7 @@ def test_an_external_test_set_is_analysed_like_a_shard_split(tiny_run, synth_dir
     a = json.loads((tmp_path / "shards/metrics.json").read_text())
     b = json.loads((tmp_path / "external/metrics.json").read_text())
     assert b["images"] == a["images"] and b["macro"]["auroc"] == pytest.approx(a["macro"]["auroc"], abs=1e-12)
-    for name in C.CLASS_NAMES:
+    for name in nih.CLASSES:
         for key in ("auroc", "f1", "precision", "recall"):
             assert b["classes"][name][key] == pytest.approx(a["classes"][name][key], nan_ok=True), (name, key)
     assert b["operating_points"] == a["operating_points"] and "Calibration" in (tmp_path / "external/report.md"

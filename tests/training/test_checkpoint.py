@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.cli import cli
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.checkpoint import (CHECKPOINT_FORMAT_VERSION, load_checkpoint, load_model, restore_rng_states,
@@ -59,7 +59,7 @@ def test_a_real_checkpoint_is_plain_data(tiny_run):
     payload = torch.load(tiny_run / "checkpoints/best.pt", weights_only=True)  # no allow-list needed
     assert payload["format_version"] == CHECKPOINT_FORMAT_VERSION and len(payload["checksum"]) == 64
     model, info = load_model(tiny_run / "checkpoints/best.pt")
-    assert not model.training and info.classes == list(C.CLASS_NAMES) and info.thresholds.shape == (14,)
+    assert not model.training and info.classes == list(nih.CLASSES) and info.thresholds.shape == (14,)
     assert info.config.model.name == "convnext_atto" and info.weights == "model"
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.training.engine import warmup_cosine
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 
@@ -26,12 +26,12 @@ def test_focal_term_down_weights_easy_examples():
 
 
 def test_inverse_frequency_weights_are_normalised_and_ordered():
-    weights = inverse_frequency_weights(dict(C.REAL_PREVALENCE), 100_000)
+    weights = inverse_frequency_weights({"images": 100_000, "prevalence": dict(nih.REAL_PREVALENCE)}, nih.CLASSES)
     assert weights.mean().item() == pytest.approx(1.0)
-    hernia, infiltration = C.CLASS_NAMES.index("Hernia"), C.CLASS_NAMES.index("Infiltration")
+    hernia, infiltration = nih.CLASSES.index("Hernia"), nih.CLASSES.index("Infiltration")
     ratio = weights[hernia] / weights[infiltration]
-    assert ratio.item() == pytest.approx(C.REAL_PREVALENCE["Infiltration"] / C.REAL_PREVALENCE["Hernia"])
-    absent = inverse_frequency_weights({c: 0.0 for c in C.CLASS_NAMES}, 50)
+    assert ratio.item() == pytest.approx(nih.REAL_PREVALENCE["Infiltration"] / nih.REAL_PREVALENCE["Hernia"])
+    absent = inverse_frequency_weights({"images": 50, "prevalence": {c: 0.0 for c in nih.CLASSES}}, nih.CLASSES)
     assert torch.isfinite(absent).all()
 
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import assert_same_run
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.cli import cli
 from cxr_fast.config import RunConfig, replace
 from cxr_fast.errors import CxrFastError
@@ -46,7 +46,7 @@ def test_metrics_curves_and_tensorboard(synth_shards, tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/val", "auroc/macro", "lr", f"auroc/{C.CLASS_NAMES[0]}"} <= tags
+    assert {"loss/train", "loss/val", "auroc/macro", "lr", f"auroc/{nih.CLASSES[0]}"} <= tags
     assert {"step/loss", "step/lr", "step/images_per_second"} <= tags  # per optimizer step too
     assert [e.value for e in events.Scalars("auroc/macro")] == pytest.approx([r["val_macro_auc"] for r in records])
 
@@ -108,8 +108,8 @@ def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
 
     config = tiny()
     env = Env(0, 1, torch.device("cpu"))
-    model, ema = build_model(config, env, None)
-    state = build_state(config, Plan(56, 3, 6), env, model, ema, torch.nn.BCEWithLogitsLoss())
+    model, ema = build_model(config, env, None, 14)
+    state = build_state(config, Plan(nih.CLASSES, 56, 3, 6), env, model, ema, torch.nn.BCEWithLogitsLoss())
     batches = list(create_loader(LoaderSpec(synth_shards, "train", config.data, batch_size=4, train=True,
                                             loader="torch")))[:6]
     calls = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run
-from cxr_fast import constants as C
+from cxr_fast.data.datasets import nih
 from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr_fast.config import ModelConfig, RunConfig, replace
 from cxr_fast.errors import CxrFastError
@@ -40,19 +40,21 @@ def test_resume_ends_where_an_uninterrupted_run_ends(synth_shards, tmp_path):
     records = _records(tmp_path / "whole")
     assert [r["epoch"] for r in records] == [1, 2]
     assert set(records[0]) >= {"epoch", "train_loss", "val_loss", "val_macro_auc", "val_auc"}
-    assert set(records[0]["val_auc"]) == set(C.CLASS_NAMES)
+    assert set(records[0]["val_auc"]) == set(nih.CLASSES)
     best = load_checkpoint(tmp_path / "whole/checkpoints/best.pt")
-    assert len(best["thresholds"]) == 14 and best["class_names"] == list(C.CLASS_NAMES)
+    assert len(best["thresholds"]) == 14 and best["class_names"] == list(nih.CLASSES)
     assert (tmp_path / "whole/config.yaml").read_text().count("convnext_atto") == 1
 
 
 def test_checkpoint_is_written_atomically_and_checked_on_load(tmp_path):
     path = tmp_path / "ckpt" / "x.pt"
-    save_checkpoint({"model": {"w": torch.ones(3)}, "class_names": list(C.CLASS_NAMES)}, path)
+    save_checkpoint({"model": {"w": torch.ones(3)}, "class_names": list(nih.CLASSES)}, path)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
-    save_checkpoint({"model": {}, "class_names": ["Cat", "Dog"]}, path)
-    with pytest.raises(CxrFastError, match="trained on other classes"):
+    save_checkpoint({"model": {}, "class_names": ["Cat", "Dog"]}, path)  # any data set's classes
+    assert load_checkpoint(path)["class_names"] == ["Cat", "Dog"]
+    save_checkpoint({"model": {}, "class_names": ["Cat", "Cat"]}, path)
+    with pytest.raises(CxrFastError, match="class_names must be a list of distinct names"):
         load_checkpoint(path)
     path.write_bytes(b"garbage")
     with pytest.raises(CxrFastError, match="cannot read checkpoint"):
@@ -108,16 +110,16 @@ def test_weights_file_is_loaded_and_the_stem_folded(tmp_path):
 
     imagenet = timm.create_model("convnext_atto", pretrained=False)  # stands in for a downloaded checkpoint
     torch.save(imagenet.state_dict(), tmp_path / "in1k.pth")
-    model = create_model(ModelConfig(name="convnext_atto", weights=str(tmp_path / "in1k.pth")), in_chans=1)
+    model = create_model(ModelConfig(name="convnext_atto", weights=str(tmp_path / "in1k.pth")), in_chans=1, num_classes=14)
     assert torch.allclose(model.stem[0].weight, imagenet.stem[0].weight.sum(dim=1, keepdim=True), atol=1e-6)
     assert torch.equal(model.stages[2].blocks[0].conv_dw.weight, imagenet.stages[2].blocks[0].conv_dw.weight)
     assert model.head.fc.out_features == 14
     with pytest.raises(CxrFastError, match="does not fit convnext_tiny"):
-        create_model(ModelConfig(name="convnext_tiny", weights=str(tmp_path / "in1k.pth")))
+        create_model(ModelConfig(name="convnext_tiny", weights=str(tmp_path / "in1k.pth")), 1, 14)
 
 
 def test_convnext_large_has_the_exact_head_and_runs_at_512():
-    model = create_model(ModelConfig(name="convnext_large", pretrained=False), in_chans=1).eval()
+    model = create_model(ModelConfig(name="convnext_large", pretrained=False), in_chans=1, num_classes=14).eval()
     head = model.head
     assert type(head.norm).__name__ == "LayerNorm2d" and head.norm.normalized_shape == (1536,)
     assert isinstance(head.drop, torch.nn.Dropout) and head.drop.p == 0.2
@@ -147,7 +149,7 @@ def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards,
     checkpoint = load_checkpoint(run / "checkpoints/last.pt")
     assert len(checkpoint["rng"]) == 2  # both ranks' RNG states, for exact resume
     config = tiny()
-    model = create_model(config.model, 1)
+    model = create_model(config.model, 1, 14)
     model.load_state_dict(checkpoint["model"])
     loader = create_loader(LoaderSpec(synth_shards, "val", config.data, batch_size=8, train=False, loader=config.loader))
     single = evaluate(model, loader, FocalLoss(0.0), None, show_progress=False)

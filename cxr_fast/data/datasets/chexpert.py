@@ -1,0 +1,74 @@
+"""CheXpert (Irvin et al. 2019): 224,316 chest radiographs (JPEG) of 65,240 patients, 14 observations labelled from
+the reports as positive (1), negative (0), uncertain (-1) or not mentioned (blank).
+
+Layout: `--images` is the folder holding `CheXpert-v1.0-small/` (or `CheXpert-v1.0/`), `--labels` its `train.csv`;
+`valid.csv` beside it is read too. Columns: `Path` (relative to --images), `Sex`, `Age`, `Frontal/Lateral`,
+`AP/PA`, then the 14 observations. The patient is the `patientNNNNN` part of the path. The official validation set
+(200 studies read by radiologists) is the test split here; validation is carved out of train by patient.
+Uncertain labels follow the paper's policies (`--uncertain`; default U-Ones for Atelectasis and Edema, the paper's
+best for both, U-Zeros for the rest); blank is negative, as the paper trains (`--blank masked` to mask it). Frontal
+views only unless `--views` asks for more (views: PA, AP, FRONTAL for a frontal without AP/PA, LATERAL).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.data.datasets.base import (Request, SampleTable, apply_policies, check_unique_images, label_values,
+                                         read_table, row_numbers)
+from cxr_fast.data.labels import people, unusable_values
+from cxr_fast.errors import CxrFastError
+
+NAME = "chexpert"
+CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+           "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+           "Fracture", "Support Devices")
+DEFAULT_UNCERTAIN = "ones:Atelectasis,Edema zeros:*"
+DEFAULT_VIEWS = ("PA", "AP", "FRONTAL")
+COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + CLASSES
+VALID_TABLE = "valid.csv"
+
+
+def views(table: pd.DataFrame) -> pd.Series:
+    """LATERAL for a lateral view, else the AP/PA column (FRONTAL where it is empty)."""
+    ap_pa = table["AP/PA"].fillna("").str.strip().str.upper().replace("", "FRONTAL")
+    lateral = table["Frontal/Lateral"].fillna("").str.strip().str.lower() == "lateral"
+    return ap_pa.where(~lateral, "LATERAL")
+
+
+def patients(paths: pd.Series, where) -> pd.Series:
+    found = paths.str.extract(r"(?:^|/)(patient\d+)/", expand=False)
+    if found.isna().any():
+        raise CxrFastError(f"{where}: no patientNNNNN folder in Path, row(s) {row_numbers(found.isna())}")
+    return found
+
+
+def read(request: Request) -> SampleTable:
+    parts = []
+    for path, split in ((request.labels, "train_val"), (request.labels.parent / VALID_TABLE, "test")):
+        if split == "test" and not path.exists():
+            raise CxrFastError(f"{path} not found: CheXpert's {VALID_TABLE} belongs beside {request.labels.name}")
+        part = read_table(path, COLUMNS, "CheXpert train.csv / valid.csv")
+        part["Path"] = part["Path"].str.strip()
+        part["_values"] = list(label_values(part, CLASSES, path))
+        part["_split"], part["_patient"] = split, patients(part["Path"], path)
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    given = {"age": table["Age"], "sex": table["Sex"]}
+    frame = people(table["Age"], table["Sex"], views(table), len(table))
+    frame.insert(0, "image", table["Path"].str.split("/", n=1).str[1])  # without the release folder's name
+    frame.insert(1, "path", table["Path"])
+    frame.insert(2, "patient", table["_patient"])
+    frame["follow_up"], frame["split"] = np.nan, table["_split"]
+    values = np.stack(table["_values"].to_numpy()) if len(table) else np.zeros((0, len(CLASSES)))
+    frame["finding_labels"] = findings_text(values)
+    check_unique_images(frame, request.labels)
+    labels = apply_policies(values, CLASSES, request.uncertain, DEFAULT_UNCERTAIN, request.blank)
+    return SampleTable(frame, labels, CLASSES, NAME, unusable_values(given, frame))
+
+
+def findings_text(values: np.ndarray) -> list[str]:
+    """The raw labels as text, for each sample's metadata: positives, then uncertain ones marked with '?'."""
+    return ["|".join([CLASSES[c] for c in np.flatnonzero(row == 1)] +
+                     [CLASSES[c] + "?" for c in np.flatnonzero(row == -1)]) for row in values]

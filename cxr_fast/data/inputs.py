@@ -1,0 +1,155 @@
+"""What `cxr-fast shard` reads: each data set through its description, its images located, its split planned, and
+several data sets merged into one sample table on the union of their classes.
+
+Within one data set patients never cross splits. Merged, each data set is split on its own; its classes that
+another data set has and it lacks are masked (not stated), and sample keys and patient ids get the data set's name
+as a prefix, so two data sets' images and patients never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.config import ShardConfig
+from cxr_fast.data.datasets import Request, SampleTable, read_dataset
+from cxr_fast.data.datasets.base import parse_uncertain
+from cxr_fast.data.sample import ID_BYTES
+from cxr_fast.data.source import IMAGE_SUFFIXES, image_files
+from cxr_fast.data.split import plan_split
+from cxr_fast.errors import CxrFastError
+
+log = logging.getLogger(__name__)
+
+
+def read_inputs(inputs: list, config: ShardConfig) -> tuple[SampleTable, list[dict], int]:
+    """The merged sample table of `inputs` (`writer.ShardInput`s) with columns file, key, dataset and final_split
+    added (rows without an image or a split left out), the skipped inputs, and the count of rows without an image."""
+    names = [i.dataset for i in inputs]
+    if len(set(names)) != len(names) and "table" not in names:
+        raise CxrFastError(f"--dataset {', '.join(names)}: each data set once")
+    tables, skipped, without = [], [], 0
+    for number, source in enumerate(inputs):
+        request = Request(Path(source.images), Path(source.labels), config.uncertain, config.blank, config.views,
+                          source.spec and Path(source.spec), source.split_lists)
+        table = read_dataset(source.dataset, request)
+        if table.frame["path"].isna().all():
+            files = find_images(request.images)
+            if not files:
+                raise CxrFastError(f"no PNG, JPEG or DICOM images found below {request.images}")
+            found = match_images(table.frame["image"], files)
+            skipped += _orphans(files, found, request, config)
+            located = table.frame["image"].map(found)
+        else:
+            located = table.frame["path"].map(lambda p: request.images / p)
+            located = located.where(located.map(Path.is_file), None)
+        present = located.notna().to_numpy()
+        if (~present).any():
+            log.info("%d of %d %s table rows have no image below %s (a partial download is fine)",
+                     int((~present).sum()), len(present), source.dataset, request.images)
+        without += int((~present).sum())
+        table = table.subset(present)
+        table.frame["file"] = located[present].to_numpy()
+        table.frame["final_split"] = plan_split(table, config.val_fraction, config.test_fraction, config.seed)
+        unlisted = table.frame["final_split"] == ""
+        if unlisted.any():
+            log.warning("%d image(s) are in neither split list and are left out", int(unlisted.sum()))
+            skipped += [{"file": str(f), "reason": "in neither official split list"}
+                        for f in table.frame.loc[unlisted, "file"]]
+        table.frame["dataset"] = f"{source.dataset}-{number}" if names.count(source.dataset) > 1 else source.dataset
+        tables.append(table.subset(~unlisted.to_numpy()))
+    merged = merge(tables)
+    _check_uncertain(config.uncertain, merged.classes)
+    merged.frame["key"] = [_key(sample_key(image), dataset, len(tables) > 1)
+                           for image, dataset in zip(merged.frame["image"], merged.frame["dataset"])]
+    _check_keys(merged.frame)
+    return merged, skipped, without
+
+
+def find_images(images_dir: Path) -> dict[str, Path]:
+    """Image file name -> path, searched recursively (NIH ships images_001/images/... folders); a name found twice
+    is an error, since the table names images by file name."""
+    found: dict[str, Path] = {}
+    for path in image_files(images_dir):
+        if path.name in found:
+            raise CxrFastError(f"image name {path.name} occurs twice: {found[path.name]} and {path}")
+        found[path.name] = path
+    return found
+
+
+def match_images(names: pd.Series, found: dict[str, Path]) -> dict[str, Path]:
+    """Table name -> file: the same name, or for DICOM the name with `.dcm` added or taken off (a hospital export
+    names files by their table entry, with or without the suffix)."""
+    matched = {}
+    for name in names:
+        for candidate in (name, f"{name}.dcm", name[:-4] if name.lower().endswith(".dcm") else None):
+            if candidate in found:
+                matched[name] = found[candidate]
+                break
+    return matched
+
+
+def sample_key(image_name: str) -> str:
+    """The shard key of an image: its name without the image suffix, with any character other than letters,
+    digits, '-' and '_' made '_' (DICOM files are often named by UIDs full of dots, a CheXpert image by its path:
+    a key may hold neither)."""
+    stem = image_name[: -len(suffix)] if (suffix := Path(image_name).suffix).lower() in IMAGE_SUFFIXES else image_name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def _orphans(files: dict, found: dict, request: Request, config: ShardConfig) -> list[dict]:
+    orphans = sorted(set(files) - {path.name for path in found.values()})
+    if orphans and config.on_error == "fail":
+        raise CxrFastError(f"{files[orphans[0]]}: image has no row in {request.labels} "
+                           f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
+    return [{"file": str(files[n]), "reason": "no row in the label table"} for n in orphans]
+
+
+def merge(tables: list[SampleTable]) -> SampleTable:
+    """One table on the union of the classes (in the order first seen); a data set's missing classes not stated.
+    Patient ids get the data set's name as a prefix when there are several."""
+    if len(tables) == 1:
+        return tables[0]
+    classes = tuple(dict.fromkeys(c for t in tables for c in t.classes))
+    frames, labels = [], []
+    for table in tables:
+        frame = table.frame.copy()
+        frame["patient"] = frame["dataset"] + ":" + frame["patient"].astype(str)
+        wide = np.full((len(frame), len(classes)), np.nan, dtype=np.float32)
+        wide[:, [classes.index(c) for c in table.classes]] = table.labels
+        frames.append(frame)
+        labels.append(wide)
+    unknown = {f"{t.frame['dataset'].iloc[0] if len(t.frame) else t.dataset}": t.unknown_values for t in tables}
+    return SampleTable(pd.concat(frames, ignore_index=True), np.concatenate(labels), classes, "+".join(
+        t.dataset for t in tables), unknown)
+
+
+def _key(key: str, dataset: str, prefixed: bool) -> str:
+    return f"{dataset}-{key}" if prefixed else key
+
+
+def _check_keys(frame: pd.DataFrame) -> None:
+    long = frame["key"].str.len() > ID_BYTES
+    if long.any():
+        raise CxrFastError(f"image name {frame.loc[long, 'image'].iloc[0]!r}: a sample key may hold at most "
+                           f"{ID_BYTES} characters")
+    twice = frame["key"].duplicated(keep=False)
+    if twice.any():
+        first = frame[twice].sort_values("key").head(2)
+        raise CxrFastError(f"image names {first['image'].iloc[0]!r} and {first['image'].iloc[1]!r} give the same "
+                           f"sample key {first['key'].iloc[0]!r}")
+
+
+def _check_uncertain(text: str | None, classes: tuple[str, ...]) -> None:
+    """Every class --uncertain names is a class of the shard set (a typo would otherwise be silently ignored)."""
+    if text is None:
+        return
+    named, _rest = parse_uncertain(text, "")
+    unknown = sorted(set(named) - set(classes))
+    if unknown:
+        raise CxrFastError(f"--uncertain names {', '.join(map(repr, unknown))}, not a class of this shard set: "
+                           f"{', '.join(classes)}")

@@ -1,0 +1,112 @@
+"""The synthetic data set in CheXpert's and MIMIC-CXR-JPG's layouts: their folders, file names and table columns,
+with JPEG films a fifth taller than wide (so pad-to-square matters), drawn from the same pictures and labels as
+the NIH layout.
+
+Labels: each NIH finding the painter draws maps to the CheXpert observation that names it (Effusion → Pleural
+Effusion, Mass and Nodule → Lung Lesion, ...; Emphysema, Fibrosis and Hernia have none and stay unlabelled, as in
+the real reports). The report labeler's habits are imitated: a positive is written as uncertain (-1) one time in
+six, a negative is mostly left blank and sometimes written 0 or -1, and No Finding is 1 only without a positive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.config import SynthConfig
+from cxr_fast.data.datasets import chexpert, mimic
+from cxr_fast.data.synth import CLASSES, Drawn, paint
+
+log = logging.getLogger(__name__)
+
+FROM_NIH = {"Atelectasis": ["Atelectasis"], "Cardiomegaly": ["Cardiomegaly", "Enlarged Cardiomediastinum"],
+            "Effusion": ["Pleural Effusion"], "Infiltration": ["Lung Opacity"], "Mass": ["Lung Lesion"],
+            "Nodule": ["Lung Lesion"], "Pneumonia": ["Pneumonia", "Lung Opacity"], "Pneumothorax": ["Pneumothorax"],
+            "Consolidation": ["Consolidation", "Lung Opacity"], "Edema": ["Edema"],
+            "Pleural_Thickening": ["Pleural Other"]}
+TALLER = 1.2
+
+
+def report_labels(nih_labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(images, 14) CheXpert values (1, 0, -1, NaN blank) from the painted NIH findings."""
+    truth = np.zeros((len(nih_labels), len(chexpert.CLASSES)), bool)
+    for c, name in enumerate(CLASSES):
+        for target in FROM_NIH.get(name, []):
+            truth[:, chexpert.CLASSES.index(target)] |= nih_labels[:, c] > 0
+    values = np.where(truth, np.where(rng.random(truth.shape) < 1 / 6, -1.0, 1.0),
+                      rng.choice([np.nan, 0.0, -1.0], size=truth.shape, p=[0.7, 0.25, 0.05]))
+    none = chexpert.CLASSES.index("No Finding")
+    values[:, none] = np.where(truth.any(axis=1), np.nan, 1.0)
+    return values
+
+
+def _table_values(values: np.ndarray) -> pd.DataFrame:
+    """The label columns as the releases write them: 1.0, 0.0, -1.0 or empty."""
+    return pd.DataFrame(values, columns=list(chexpert.CLASSES))
+
+
+def write_chexpert(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Generator) -> Path:
+    """out/CheXpert-v1.0-small/{train,valid}.csv and {train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}.jpg;
+    the test-fraction of patients in valid. Returns train.csv."""
+    root = out / "CheXpert-v1.0-small"
+    patients = np.unique(drawn.patients)
+    valid = set(rng.choice(patients, size=max(1, round(config.test_fraction * len(patients))), replace=False))
+    lateral = rng.random(len(drawn.patients)) < 0.15
+    paths, rows = [], []
+    for i, (patient, followup) in enumerate(zip(drawn.patients, drawn.followups)):
+        part = "valid" if patient in valid else "train"
+        view = "view2_lateral" if lateral[i] else "view1_frontal"
+        relative = f"{root.name}/{part}/patient{patient:05d}/study{followup + 1}/{view}.jpg"
+        paths.append(out / relative)
+        rows.append({"Path": relative, "Sex": {"M": "Male", "F": "Female"}[drawn.sexes[i]], "Age": drawn.ages[i],
+                     "Frontal/Lateral": "Lateral" if lateral[i] else "Frontal",
+                     "AP/PA": "" if lateral[i] else drawn.views[i], "_part": part})
+    paint(paths, drawn, config, int(config.source_size * TALLER))
+    table = pd.concat([pd.DataFrame(rows), _table_values(report_labels(drawn.labels, rng))], axis=1)
+    for part in ("train", "valid"):
+        table[table["_part"] == part].drop(columns="_part").to_csv(root / f"{part}.csv", index=False)
+    log.info("wrote %d synthetic CheXpert-layout images of %d patients to %s", len(paths), len(patients), out)
+    return root / "train.csv"
+
+
+def write_mimic(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Generator) -> Path:
+    """out/files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg and the chexpert, metadata and split tables (.csv.gz) beside
+    patients.csv.gz; each follow-up a study, some with a lateral image too. Returns the chexpert table."""
+    subjects = 10_000_000 + drawn.patients
+    studies = 50_000_000 + np.arange(len(drawn.patients))
+    patients = rng.permutation(np.unique(subjects))
+    tests, vals = max(1, round(config.test_fraction * len(patients))), max(1, round(0.1 * len(patients)))
+    split = dict(zip(patients, ["test"] * tests + ["validate"] * vals + ["train"] * (len(patients) - tests - vals)))
+    meta, paths, image_of = [], [], []
+    for i, (subject, study) in enumerate(zip(subjects, studies)):
+        for view in [drawn.views[i]] + (["LATERAL"] if rng.random() < 0.2 else []):
+            dicom_id = "-".join(f"{v:08x}" for v in rng.integers(0, 2 ** 32, 5))
+            meta.append({"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": view,
+                         "Rows": int(config.source_size * TALLER), "Columns": config.source_size})
+            paths.append(out / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom_id}.jpg")
+            image_of.append(i)
+    picked = Drawn(drawn.labels[image_of], drawn.patients[image_of], drawn.followups[image_of],
+                   [drawn.ages[i] for i in image_of], [drawn.sexes[i] for i in image_of], drawn.views[image_of],
+                   drawn.anatomy)
+    paint(paths, picked, config, int(config.source_size * TALLER))
+    labels = pd.concat([pd.DataFrame({"subject_id": subjects, "study_id": studies}),
+                        _table_values(report_labels(drawn.labels, rng))[sorted(mimic.CLASSES)]], axis=1)
+    meta = pd.DataFrame(meta)
+    meta["split"] = meta["subject_id"].map(split)
+    people = pd.DataFrame({"subject_id": subjects, "gender": drawn.sexes, "anchor_age": drawn.ages,
+                           "anchor_year": 2150, "anchor_year_group": "2008 - 2010", "dod": ""}
+                          ).drop_duplicates("subject_id")
+    tables = {f"{mimic.PREFIX}chexpert.csv.gz": labels, mimic.METADATA: meta.drop(columns="split"),
+              mimic.SPLIT: meta[["dicom_id", "study_id", "subject_id", "split"]], mimic.PATIENTS: people}
+    for name, table in tables.items():
+        with gzip.open(out / name, "wt") as handle:
+            table.to_csv(handle, index=False)
+    log.info("wrote %d synthetic MIMIC-CXR-JPG-layout images of %d patients to %s", len(paths), len(patients), out)
+    return out / f"{mimic.PREFIX}chexpert.csv.gz"
+
+
+LAYOUTS = {"chexpert": write_chexpert, "mimic-cxr-jpg": write_mimic}
