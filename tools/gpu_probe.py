@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_fast.data.datasets import nih
 from cxr_fast.bench.machine import machine  # noqa: E402
 from cxr_fast.config import ShardConfig, SynthConfig  # noqa: E402
 from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
@@ -106,7 +105,6 @@ def profile_steps(compiled: bool, size: dict) -> dict:
     """(In its own process) a few optimizer steps of the trainer under torch.profiler, after its warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cxr_fast import constants as C
     from cxr_fast.bench.train import bench_run_config, trainer
     from cxr_fast.config import BenchTrainConfig
     from cxr_fast.data.loader import LoaderSpec, SyntheticLoader
@@ -118,12 +116,12 @@ def profile_steps(compiled: bool, size: dict) -> dict:
     state, _model = trainer(run, device)
     spec = LoaderSpec("", "train", run.data, batch_size=size["micro_batch"], device=device)
     warmup, steps = 3, size["profile_steps"]
-    train_one_epoch(state, SyntheticLoader(spec, warmup, len(nih.CLASSES)), warmup, show_progress=False)
+    train_one_epoch(state, SyntheticLoader(spec, warmup, len(state.classes)), warmup, show_progress=False)
     state.batch_in_epoch = 0
     activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         started = time.perf_counter()
-        stats = train_one_epoch(state, SyntheticLoader(spec, steps, len(nih.CLASSES)), steps, show_progress=False)
+        stats = train_one_epoch(state, SyntheticLoader(spec, steps, len(state.classes)), steps, show_progress=False)
         wall = time.perf_counter() - started
     times = {}
     for event in prof.key_averages():

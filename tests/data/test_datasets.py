@@ -244,3 +244,17 @@ def test_format_2_shards_read_as_every_label_stated(chexpert_dir, tmp_path):
     manifest["format_version"] = 2
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     assert not next(iter(create_loader(spec))).targets.isnan().any()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.assign(Edema=t["Edema"].astype(object).where(t.index != 3, "2")), r"1, 0, -1 or blank; row\(s\) 5"),
+    (lambda t: pd.concat([t, t.iloc[[0]]]), "duplicate image name"),
+    (lambda t: t.assign(Path=t["Path"].str.replace("patient", "person")), "no patientNNNNN folder"),
+])
+def test_a_damaged_chexpert_table_is_an_error_naming_the_row(chexpert_dir, tmp_path, damage, message):
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    damage(pd.read_csv(chexpert_dir / root.name / "train.csv")).to_csv(root / "train.csv", index=False)
+    (root / "valid.csv").write_bytes((chexpert_dir / root.name / "valid.csv").read_bytes())
+    with pytest.raises(CxrFastError, match=message):
+        write_shards(ShardInput(chexpert_dir, root / "train.csv", "chexpert"), ShardConfig(out=str(tmp_path / "s")))

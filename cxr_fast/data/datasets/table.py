@@ -32,7 +32,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "validation": 
 
 def read_spec(path: Path | None) -> dict:
     if path is None:
-        raise CxrFastError("--dataset table needs --spec FILE naming the table's columns (docs/DATASETS.md)")
+        raise CxrFastError("--dataset table needs --spec FILE naming the table's columns (README, 'Other data sets')")
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
