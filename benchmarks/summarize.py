@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/summarize.py benchmarks/results/cpu-2core-encodings.json   # benchmarks/encodings.py
     .venv/bin/python benchmarks/summarize.py benchmarks/results/gpu-h200-check.jsonl       # tools/gpu_check.sh
+    .venv/bin/python benchmarks/summarize.py benchmarks/results/gpu-h200-round2.jsonl      # tools/gpu_check.sh, round 2
+
+Every rate is printed beside the images and seconds it was computed from, so each row can be recomputed.
 """
 
 import json
@@ -88,6 +91,76 @@ def gpu_check(path: str) -> None:
               f"{_pct(r.get('data_wait_fraction'))} | {r['peak_memory_gib']:.1f} |")
 
 
+def _machine(record: dict) -> str:
+    return (f"Machine: {record['gpu'] or 'no GPU (a CPU rehearsal)'}, {record['cpu_count']} CPU cores; Python "
+            f"{record['python']}, torch {record['torch']} (CUDA {record['cuda']}), DALI {record['dali']}, OpenCV "
+            f"{record['opencv']}; {record['date']}.\n")
+
+
+def round2(path: str) -> None:
+    """The second GPU round (tools/gpu_probe.py steps slowdown, profile, loader, recipe, run)."""
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    by_step: dict[str, list] = {}
+    for record in records:
+        by_step.setdefault(record["step"], []).append(record)
+    print(_machine(by_step["machine"][0]))
+    for record in records:
+        if "error" in record:
+            print(f"**{record['step']} failed:** {record['error']}\n")
+    print("| 4 x 8 slowdown: setting | epoch | side | train images/s | data wait | warm-up steps |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for r in by_step.get("slowdown", []):
+        print(f"| {r['setting']} | {r['epoch']} | {r['image_side']} | {r['train_images_per_second']:.1f} | "
+              f"{_pct(r['data_wait_fraction'])} | {r['warmup_steps']} |")
+    for r in by_step.get("profile", []):
+        print(f"\nProfile, {r['model']} at {r['image_size']}, {r['micro_batch']} x 1, "
+              f"{'compiled' if r['compiled'] else 'eager'}: {r['steps']} steps, {r['images']} images in "
+              f"{r['wall_seconds']:.3f} s ({r['images_per_second']:.1f} images/s); device idle "
+              f"{_pct(r['idle_share'])} of the time.\n")
+        print("| share of device time | |\n|---|---:|")
+        for name, share in sorted(r["share"].items(), key=lambda item: -item[1]):
+            print(f"| {name} | {_pct(share)} |")
+        print("\n| top kernels | seconds | share |\n|---|---:|---:|")
+        for k in r["top_kernels"]:
+            print(f"| `{k['name'][:80]}` | {k['seconds']:.4f} | {_pct(k['share'])} |")
+    print("\n| loader: shards | side | loader | images | seconds | images/s | CPU core-ms/image | cores busy |\n"
+          "|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in by_step.get("loader", []):
+        print(f"| {r['shards']} | {r['image_size']} | {r['resolved']} | {r['images']} | {r['seconds']:.3f} | "
+              f"{r['images_per_second']:.0f} | {r['cpu_core_ms_per_image']:.2f} | {r['cpu_cores_busy']:.1f} |")
+    _recipes(by_step.get("recipe", []))
+    print("\n| real run: cache | epoch | side | train images/s | data wait | compile s | graphs (expected) | "
+          "peak GiB |\n|---|---:|---:|---:|---:|---:|---|---:|")
+    for r in by_step.get("run", []):
+        compile_seconds = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
+        peak = "-" if r["peak_gpu_memory_gib"] is None else f"{r['peak_gpu_memory_gib']:.1f}"
+        print(f"| {r['attempt']} | {r['epoch']} | {r['image_side']} | {r['train_images_per_second']:.1f} | "
+              f"{_pct(r['data_wait_fraction'])} | {compile_seconds} | {r['compiled_graphs']} "
+              f"({r['expected_graphs']}) | {peak} |")
+
+
+def _recipes(records: list[dict]) -> None:
+    """Per compile mode: images/s and MFU at each side, one evaluation pass, and the projected wall time."""
+    print("\n| recipe: compile mode | side | micro-batch x accum | images | seconds | images/s | MFU | compile s |\n"
+          "|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        for side in r["sides"]:
+            if side.get("estimated"):
+                print(f"| {r['compile_mode']} | {side['side']} | (estimated from the default mode) | | | "
+                      f"{side['images_per_second']:.1f} | {_pct(side['mfu'])} | |")
+                continue
+            print(f"| {r['compile_mode']} | {side['side']} | {side['micro_batch']} x {side['accum']} | "
+                  f"{side['images']} | {side['seconds']:.3f} | {side['images_per_second']:.1f} | {_pct(side['mfu'])} | "
+                  f"{side['compile_seconds']:.1f} |")
+    print("\n| recipe: compile mode | evaluation images/s | fixed, hours (1 GPU) | progressive, hours (1 GPU) | "
+          "fixed, 8 GPUs | progressive, 8 GPUs | loader images/s per GPU needed |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in records:
+        p, lin = r["projection"], r["projection_gpus_linear"]
+        print(f"| {r['compile_mode']} | {r['evaluation']['images_per_second']:.0f} | "
+              f"{p['fixed']['total_hours']:.2f} | {p['progressive']['total_hours']:.2f} | {lin['fixed_hours']:.2f} | "
+              f"{lin['progressive_hours']:.2f} | {r['loader_images_per_second_per_gpu']:.0f} |")
+
+
 def progressive(path: str) -> None:
     """The accuracy guard of progressive resolution (benchmarks/progressive_guard.py)."""
     results = json.load(open(path))
@@ -105,7 +178,8 @@ def progressive(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1].endswith(".jsonl"):
-        gpu_check(sys.argv[1])
+        steps = {json.loads(line)["step"] for line in open(sys.argv[1]) if line.strip()}
+        (round2 if "slowdown" in steps or "recipe" in steps else gpu_check)(sys.argv[1])
     elif "progressive" in sys.argv[1]:
         progressive(sys.argv[1])
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,20 @@ from cxr_fast.errors import CxrFastError
 log = logging.getLogger(__name__)
 
 
-def read_inputs(inputs: list, config: ShardConfig) -> tuple[SampleTable, list[dict], int]:
-    """The merged sample table of `inputs` (`writer.ShardInput`s) with columns file, key, dataset and final_split
+@dataclass(frozen=True)
+class ShardInput:
+    """One data set to shard: its images folder and label table, the description that reads them (`nih`,
+    `chexpert`, `mimic-cxr-jpg`, `table`), a table spec (for `table`) and official split lists (NIH's)."""
+
+    images: Path
+    labels: Path
+    dataset: str = "nih"
+    spec: Path | None = None
+    split_lists: tuple = (None, None)
+
+
+def read_inputs(inputs: list[ShardInput], config: ShardConfig) -> tuple[SampleTable, list[dict], int]:
+    """The merged sample table of `inputs` with columns file, key, dataset and final_split
     added (rows without an image or a split left out), the skipped inputs, and the count of rows without an image."""
     names = [i.dataset for i in inputs]
     if len(set(names)) != len(names) and "table" not in names:
@@ -45,6 +58,7 @@ def read_inputs(inputs: list, config: ShardConfig) -> tuple[SampleTable, list[di
             skipped += _orphans(files, found, request, config)
             located = table.frame["image"].map(found)
         else:
+            _check_inside(table.frame["path"], request.labels)
             located = table.frame["path"].map(lambda p: request.images / p)
             located = located.where(located.map(Path.is_file), None)
         present = located.notna().to_numpy()
@@ -99,6 +113,13 @@ def sample_key(image_name: str) -> str:
     a key may hold neither)."""
     stem = image_name[: -len(suffix)] if (suffix := Path(image_name).suffix).lower() in IMAGE_SUFFIXES else image_name
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def _check_inside(paths: pd.Series, table: Path) -> None:
+    """A table's image paths stay below --images: an absolute path or a '..' is refused, naming the first."""
+    outside = paths.map(lambda p: Path(p).is_absolute() or ".." in Path(p).parts)
+    if outside.any():
+        raise CxrFastError(f"{table}: image path {paths[outside].iloc[0]!r} leads outside --images")
 
 
 def _orphans(files: dict, found: dict, request: Request, config: ShardConfig) -> list[dict]:

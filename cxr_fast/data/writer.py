@@ -39,7 +39,7 @@ from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.datasets import SampleTable
-from cxr_fast.data.inputs import find_images, match_images, read_inputs, sample_key  # noqa: F401 (the API)
+from cxr_fast.data.inputs import ShardInput, read_inputs
 from cxr_fast.data.reader import SHARD_FORMAT_VERSION
 from cxr_fast.data.sample import EXTENSIONS, encode_id, encode_image
 from cxr_fast.data.shard_folder import ShardFolder
@@ -151,18 +151,6 @@ class ShardSet:
     table: SampleTable
     inputs: list
     rows_without_image: int
-
-
-@dataclass(frozen=True)
-class ShardInput:
-    """One data set to shard: its images folder and label table, the description that reads them (`nih`,
-    `chexpert`, `mimic-cxr-jpg`, `table`), a table spec (for `table`) and official split lists (NIH's)."""
-
-    images: Path
-    labels: Path
-    dataset: str = "nih"
-    spec: Path | None = None
-    split_lists: tuple = (None, None)
 
 
 def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = ShardConfig(),

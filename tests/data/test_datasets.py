@@ -250,6 +250,7 @@ def test_format_2_shards_read_as_every_label_stated(chexpert_dir, tmp_path):
     (lambda t: t.assign(Edema=t["Edema"].astype(object).where(t.index != 3, "2")), r"1, 0, -1 or blank; row\(s\) 5"),
     (lambda t: pd.concat([t, t.iloc[[0]]]), "duplicate image name"),
     (lambda t: t.assign(Path=t["Path"].str.replace("patient", "person")), "no patientNNNNN folder"),
+    (lambda t: t.assign(Path="../" + t["Path"]), "leads outside --images"),
 ])
 def test_a_damaged_chexpert_table_is_an_error_naming_the_row(chexpert_dir, tmp_path, damage, message):
     root = tmp_path / "CheXpert-v1.0-small"
