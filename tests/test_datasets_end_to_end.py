@@ -76,15 +76,16 @@ def test_metrics_skip_unstated_labels_and_equal_sklearn_on_the_stated_ones():
         "undefined"]
 
 
-@pytest.mark.parametrize("layout", ["chexpert", "mimic-cxr-jpg"])
-def test_shard_train_analyze_predict_export_on_a_layout(layout, tmp_path):
+@pytest.mark.parametrize("layout, fit", [("chexpert", "pad"), ("mimic-cxr-jpg", "squash")])
+def test_shard_train_analyze_predict_export_on_a_layout(layout, fit, tmp_path):
     labels = write_synthetic_dataset(tmp_path / "data", SynthConfig(layout=layout, n_images=80, source_size=96,
                                                                     seed=2, workers=2))
     _run(["shard", "--dataset", layout, "--images", tmp_path / "data", "--labels", labels, "--out",
           tmp_path / "shards", "--uncertain", "ignore:Edema zeros:*", "--val-fraction", "0.25", "--shard-size", "32"])
-    _run(["train", "--shards", tmp_path / "shards", "--out", tmp_path / "run", *TINY])
+    _run(["train", "--shards", tmp_path / "shards", "--out", tmp_path / "run", *TINY, "--fit", fit])
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
-    assert load_checkpoint(checkpoint)["class_names"] == list(chexpert.CLASSES)
+    payload = load_checkpoint(checkpoint)
+    assert payload["class_names"] == list(chexpert.CLASSES) and payload["config"]["data"]["fit"] == fit
     _run(["analyze", "--checkpoint", checkpoint, "--shards", tmp_path / "shards", "--out", tmp_path / "analysis",
           "--bootstrap", "0", "--top-k", "1"])
     metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
@@ -101,7 +102,8 @@ def test_shard_train_analyze_predict_export_on_a_layout(layout, tmp_path):
     assert [f"prob_{c}" for c in chexpert.CLASSES] == [c for c in table.columns if c.startswith("prob_")]
     assert (table["error"].isna()).all()
     _run(["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"])
-    assert json.loads((tmp_path / "export" / "model.json").read_text())["classes"] == list(chexpert.CLASSES)
+    exported = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert exported["classes"] == list(chexpert.CLASSES) and exported["preprocessing"]["fit"] == fit
     _run(["predict", "--checkpoint", tmp_path / "export" / "model.onnx", "--out", tmp_path / "onnx", tmp_path / "new"])
     onnx = pd.read_csv(tmp_path / "onnx" / "predictions.csv")
     columns = [f"prob_{c}" for c in chexpert.CLASSES]
