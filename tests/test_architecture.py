@@ -106,7 +106,7 @@ def test_public_builders_import_from_the_top():
 def test_no_class_list_outside_the_data_set_descriptions():
     """Class names travel manifest → checkpoint → evaluation: a finding's name as a string literal belongs to a
     description (or the synthetic pictures drawn for NIH's findings), nowhere else. ("No Finding", NIH's word for
-    no positive label, is what `predict` writes when it calls none.)"""
+    no positive label, is what `predict` and the report write when no class is called: `report.NONE_CALLED`.)"""
     from cxr_fast.data.datasets import DATASETS, nih
 
     names = {c for module in DATASETS.values() for c in (module.CLASSES or ())} - {nih.NO_FINDING}

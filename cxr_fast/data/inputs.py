@@ -144,7 +144,7 @@ def merge(tables: list[SampleTable]) -> SampleTable:
         wide[:, [classes.index(c) for c in table.classes]] = table.labels
         frames.append(frame)
         labels.append(wide)
-    unknown = {f"{t.frame['dataset'].iloc[0] if len(t.frame) else t.dataset}": t.unknown_values for t in tables}
+    unknown = {t.frame["dataset"].iloc[0] if len(t.frame) else t.dataset: t.unknown_values for t in tables}
     return SampleTable(pd.concat(frames, ignore_index=True), np.concatenate(labels), classes, "+".join(
         t.dataset for t in tables), unknown)
 

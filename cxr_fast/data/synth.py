@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
-
-from dataclasses import dataclass
 
 from cxr_fast.config import SynthConfig
 from cxr_fast.data.datasets import nih
@@ -222,6 +221,11 @@ class Drawn:
     sexes: list
     views: np.ndarray
     anatomy: dict
+
+    def pick(self, rows: list[int]) -> Drawn:
+        """Images `rows` of this draw (repeats allowed: a study's second image)."""
+        return Drawn(self.labels[rows], self.patients[rows], self.followups[rows], [self.ages[i] for i in rows],
+                     [self.sexes[i] for i in rows], self.views[rows], self.anatomy)
 
 
 def draw(config: SynthConfig, rng: np.random.Generator) -> Drawn:

@@ -89,10 +89,7 @@ def write_mimic(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Gen
                          "Rows": int(config.source_size * TALLER), "Columns": config.source_size})
             paths.append(out / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom_id}.jpg")
             image_of.append(i)
-    picked = Drawn(drawn.labels[image_of], drawn.patients[image_of], drawn.followups[image_of],
-                   [drawn.ages[i] for i in image_of], [drawn.sexes[i] for i in image_of], drawn.views[image_of],
-                   drawn.anatomy)
-    paint(paths, picked, config, int(config.source_size * TALLER))
+    paint(paths, drawn.pick(image_of), config, int(config.source_size * TALLER))
     labels = pd.concat([pd.DataFrame({"subject_id": subjects, "study_id": studies}),
                         _table_values(report_labels(drawn.labels, rng))[sorted(mimic.CLASSES)]], axis=1)
     meta = pd.DataFrame(meta)

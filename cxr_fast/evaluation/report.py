@@ -19,9 +19,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+# What a list of findings reads when it holds none (NIH's wording for the empty label vector).
+NONE_CALLED = "No Finding"
+
+
 def finding_names(classes: list[str], flags: np.ndarray) -> str:
-    """The names of the flagged classes, "|"-joined as NIH writes them; "none" when no class is flagged."""
-    return "|".join(classes[i] for i in np.flatnonzero(flags)) or "none"
+    """The names of the flagged classes, "|"-joined as NIH writes them; NONE_CALLED when no class is flagged."""
+    return "|".join(classes[i] for i in np.flatnonzero(flags)) or NONE_CALLED
 
 
 def file_stem(name: str) -> str:

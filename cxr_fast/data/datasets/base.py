@@ -120,7 +120,7 @@ def apply_policies(values: np.ndarray, classes: tuple[str, ...], uncertain: str 
     named, rest = parse_uncertain(uncertain, default)
     if blank not in BLANK_POLICIES:
         raise CxrFastError(f"blank labels: use {' or '.join(BLANK_POLICIES)}, got {blank!r}")
-    labels = values.astype(np.float32).copy()
+    labels = values.astype(np.float32)
     labels[np.isnan(values)] = 0.0 if blank == "negative" else np.nan
     for c, name in enumerate(classes):
         column = labels[:, c]

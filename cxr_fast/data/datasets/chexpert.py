@@ -45,15 +45,15 @@ def patients(paths: pd.Series, where) -> pd.Series:
 
 
 def read(request: Request) -> SampleTable:
-    parts = []
+    parts, values = [], []
     for path, split in ((request.labels, "train_val"), (request.labels.parent / VALID_TABLE, "test")):
         if split == "test" and not path.exists():
             raise CxrFastError(f"{path} not found: CheXpert's {VALID_TABLE} belongs beside {request.labels.name}")
         part = read_table(path, COLUMNS, "CheXpert train.csv / valid.csv")
         part["Path"] = part["Path"].str.strip()
-        part["_values"] = list(label_values(part, CLASSES, path))
         part["_split"], part["_patient"] = split, patients(part["Path"], path)
         parts.append(part)
+        values.append(label_values(part, CLASSES, path))
     table = pd.concat(parts, ignore_index=True)
     given = {"age": table["Age"], "sex": table["Sex"]}
     frame = people(table["Age"], table["Sex"], views(table), len(table))
@@ -61,7 +61,7 @@ def read(request: Request) -> SampleTable:
     frame.insert(1, "path", table["Path"])
     frame.insert(2, "patient", table["_patient"])
     frame["follow_up"], frame["split"] = np.nan, table["_split"]
-    values = np.stack(table["_values"].to_numpy()) if len(table) else np.zeros((0, len(CLASSES)))
+    values = np.concatenate(values)
     frame["finding_labels"] = findings_text(values)
     check_unique_images(frame, request.labels)
     labels = apply_policies(values, CLASSES, request.uncertain, DEFAULT_UNCERTAIN, request.blank)

@@ -68,5 +68,4 @@ def _patients(folder, subjects: pd.Series):
         return None, None
     table = read_table(path, ("subject_id", "gender", "anchor_age"), "MIMIC-IV patients.csv.gz")
     table = table.drop_duplicates("subject_id").set_index(table["subject_id"].str.strip())
-    return (subjects.map(table["anchor_age"]).rename("age").set_axis(subjects.index),
-            subjects.map(table["gender"]).rename("sex").set_axis(subjects.index))
+    return subjects.map(table["anchor_age"]), subjects.map(table["gender"])
