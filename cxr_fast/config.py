@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
 from cxr_fast import constants
-from cxr_fast.settings import (Checked, ConfigError, describe, from_dict, replace, setting,  # noqa: F401 (re-exported)
-                               to_dict)
+from cxr_fast.settings import (Checked, ConfigError, describe, dump_yaml, from_dict, read_yaml,  # noqa: F401
+                               replace, setting, to_dict)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
 MAX_PIXELS = 64_000_000  # the largest source image read, checked before decoding: a guard against decompression bombs
@@ -29,6 +27,10 @@ LOADER_HELP = ("auto: DALI on a GPU, the OpenCV/torch DataLoader on CPU-only mac
 LOADER_CHOICES = ("auto", "dali", "torch")
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# ChestX-ray14's official train_val list (86,524 images) less a 10% validation carve: an epoch of the GPU recipe.
+NIH_TRAIN_IMAGES, NIH_VAL_IMAGES = 77_872, 8_652
+FAST_NORM_HELP = ("LayerNorm in the autocast dtype (bf16), not float32 with casts around it (timm's fast_norm); off "
+                  "until a GPU measurement shows it faster with the same loss (benchmarks/RESULTS.md).")
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class ModelConfig(Checked):
     compile_mode: str = setting("default", "torch.compile mode (reduce-overhead: CUDA graphs, for small "
                                 "micro-batches).", flag="--compile-mode", choices=COMPILE_MODES)
     compile_cache: str | None = setting(None, "Inductor's cache folder, kept between runs (default: "
-                                        "~/.cache/cxr_fast/inductor).", flag="--compile-cache")
+                                        "~/.cache/cxr_fast/inductor; it replaces TORCHINDUCTOR_CACHE_DIR).",
+                                        flag="--compile-cache")
+    fast_norm: bool = setting(False, FAST_NORM_HELP, flag="--fast-norm")
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,6 @@ class OptimConfig(Checked):
                                       "--image-size in multiples of 32 (off when unset).", flag="--progressive",
                                       ge=32, le=4096)
     progressive_final_epochs: int = setting(3, "Epochs at the full side at the end of a progressive run.", ge=1)
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -285,8 +288,13 @@ class BenchLoaderConfig(Checked):
     dali_cpu: bool = setting(False, "Keep the DALI pipeline on the CPU even where a GPU is present.",
                              flag="--dali-cpu")
     batch_size: int = setting(32, "Images per batch.", flag="--batch-size", ge=1)
-    batches: int = setting(50, "Measured batches, after --warmup (epochs repeat as needed).", flag="--batches", ge=1)
-    warmup: int = setting(10, "Batches before timing starts (prefetch fill).", flag="--warmup", ge=0)
+    batches: int = setting(50, "Measured batches at the least, after --warmup (epochs repeat as needed).",
+                           flag="--batches", ge=1)
+    seconds: float = setting(3.0, "Measured seconds at the least: the window ends when both --batches and this are "
+                             "reached.", flag="--seconds", ge=0)
+    warmup: int | None = setting(None, "Batches before timing starts (prefetch fill; default: twice the workers, at "
+                                 "least 10, so every worker's first wave is out of the window).", flag="--warmup",
+                                 ge=0)
     image_size: int = setting(constants.IMAGE_SIZE, "Output side in pixels.", flag="--image-size", ge=32, le=4096)
     workers: int | None = setting(None, "DALI threads / DataLoader workers (default: all cores).", flag="--workers",
                                   ge=0, le=1024)
@@ -305,13 +313,14 @@ class BenchTrainConfig(Checked):
     accum: int = setting(1, "Micro-batches per optimizer step.", flag="--accum", ge=1)
     steps: int = setting(20, "Measured optimizer steps, after --warmup.", flag="--steps", ge=1)
     warmup: int = setting(3, "Optimizer steps before timing starts (autotuning, compilation).", flag="--warmup",
-                          ge=0)
+                          ge=1)
     amp: str = setting("auto", "Mixed precision (as for train).", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = setting(True, "Channels-last memory format.", flag="--channels-last")
     compile: bool | None = setting(None, "torch.compile the model; auto (unset): on CUDA.", flag="--compile")
     compile_mode: str = setting("default", "torch.compile mode.", flag="--compile-mode", choices=COMPILE_MODES)
     cudnn_benchmark: bool = setting(True, "cuDNN autotuning (compare on and off in separate processes: its plan "
                                     "cache ignores the flag).", flag="--cudnn-benchmark")
+    fast_norm: bool = setting(False, FAST_NORM_HELP, flag="--fast-norm")
     in_chans: int = setting(1, "Input channels.", flag="--in-chans", choices=(1, 3))
     data: str = setting("synthetic", "synthetic: on-device tensors (the compute ceiling); a loader name: that "
                         "loader on --shards.", flag="--data", choices=("synthetic", *LOADER_CHOICES))
@@ -332,9 +341,10 @@ class BenchRecipeConfig(Checked):
                                       flag="--progressive", ge=0, le=4096)
     progressive_final_epochs: int = setting(3, "Epochs at the full side at the end.", flag="--final-epochs", ge=1)
     epochs: int = setting(25, "Epochs of the recipe.", flag="--epochs", ge=1)
-    images: int = setting(86_500, "Training images per epoch (ChestX-ray14's train + val: about 86,500).",
-                          flag="--images", ge=1)
-    val_images: int = setting(8_650, "Validation images per validated epoch.", flag="--val-images", ge=0)
+    images: int = setting(NIH_TRAIN_IMAGES, "Training images per epoch (ChestX-ray14's official train_val list less "
+                          "a 10% validation carve).", flag="--images", ge=1)
+    val_images: int = setting(NIH_VAL_IMAGES, "Validation images per validated epoch (the 10% carve).",
+                              flag="--val-images", ge=0)
     val_every: int = setting(1, "Validate every N epochs and in each of the last N.", flag="--val-every", ge=1)
     batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
     effective_batch: int = setting(32, "Images per optimizer step (micro-batch x accumulation).",
@@ -346,9 +356,14 @@ class BenchRecipeConfig(Checked):
     warmup: int = setting(3, "Optimizer steps per side before timing (compilation, autotuning).", flag="--warmup",
                           ge=1)
     eval_batches: int = setting(10, "Measured evaluation batches.", flag="--eval-batches", ge=1)
-    measure_sides: int = setting(0, "Measure only this many of the schedule's sides (evenly spaced, the smallest and "
-                                 "the full one among them; each costs a compilation) and fit the others as time "
-                                 "per image = a + b x side^2; 0: measure every side.", flag="--measure-sides", ge=0)
+    measure_sides: int = setting(0, "Measure only this many of the schedule's sides (at least 2, evenly spaced, the "
+                                 "smallest and the full one among them; each costs a compilation) and fit the "
+                                 "others as time per image = a + b x side^2; 0: measure every side.",
+                                 flag="--measure-sides", ge=0)
+    loader_build_seconds: float = setting(2.0, "Seconds to build a loader, counted once per distinct side and once "
+                                          "for validation (the loaders live across epochs; a DALI pipeline takes "
+                                          "about 2 s on an H200).", flag="--loader-build-seconds", ge=0)
+    fast_norm: bool = setting(False, FAST_NORM_HELP, flag="--fast-norm")
     gpus: int = setting(1, "GPUs to project for (linear scaling, stated as such).", flag="--gpus", ge=1)
     peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
                                         gt=0)
@@ -360,6 +375,9 @@ class BenchRecipeConfig(Checked):
                               f"--batch-size {self.batch_size}")
         if self.progressive == 0:  # 0 on the command line: no progressive schedule
             object.__setattr__(self, "progressive", None)
+        if self.measure_sides == 1:
+            raise ConfigError("bench.recipe.measure_sides (--measure-sides) 1 cannot separate the per-image cost from "
+                              "the fixed one: give 2 or more, or 0 for every side")
 
 
 @dataclass(frozen=True)
@@ -378,16 +396,5 @@ class DemoConfig(Checked):
 
 
 def load_yaml(path: str | Path, cls: type = RunConfig):
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from None
-    try:
-        return from_dict(cls, values, where=str(path))
-    except ConfigError as error:
-        message = str(error)
-        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-
-
-def dump_yaml(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """`cls` (a run's config by default) from a YAML file; see `settings.read_yaml`."""
+    return read_yaml(path, cls)

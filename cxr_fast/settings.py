@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, ClassVar
+
+import yaml
 
 from cxr_fast.errors import CxrFastError
 
@@ -169,3 +172,20 @@ def replace(config: Any, **changes: Any) -> Any:
     for head, sub in nested.items():
         direct[head] = replace(getattr(config, head), **sub)
     return dataclasses.replace(config, **direct)
+
+
+def read_yaml(path: str | Path, cls: type):
+    """`cls` from a YAML file of any subset of its fields; an unreadable file or a bad value names the file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    try:
+        return from_dict(cls, values, where=str(path))
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def dump_yaml(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,18 +1,25 @@
-"""The GPU measurements of tools/gpu_check.sh (round 2): one JSON line per measurement, appended and flushed as it is
-made, most valuable first, so a run cut off by its time limit keeps everything it measured. Every compared setting
-runs in a process of its own (cuDNN's plan cache ignores the `benchmark` flag; compiled graphs stay in a process), and
-every training rate comes from the trainer's own loop (`engine.train_one_epoch`) with a timed window that opens after
-the warm-up, so each record carries images, seconds, steps and warm-up, and the GPU.
+"""The GPU measurements of tools/gpu_check.sh (round 3), in parts ordered by value, packed into two calls of at most
+9 minutes each on one H100/H200. Each part prints its GPU estimate before it runs and is skipped, with a record
+saying so, when the estimate no longer fits the call's time left; every part's subprocess gets that time as its
+limit. One JSON line per measurement goes to --out as it is made (a cut-off call keeps what it measured); work
+files (images, shards, checkpoints, compile caches) go to a temporary folder outside $OUT, removed at the end.
 
-  data      synthetic images, sharded as png, jpeg and png resized to the full side
-  slowdown  `cxr-fast train --batch-size 4 --epochs 2` with --cudnn-benchmark and --no-cudnn-benchmark (4 x 8)
-  profile   torch.profiler over a few steps at 32 x 1, eager and compiled: GPU time by kernel class, top kernels
-  loader    `cxr-fast bench loader` (DALI on the GPU) at 256 and 512 on jpeg, png, png resized
-  recipe    `cxr-fast bench recipe`: compile modes default and max-autotune-no-cudagraphs, 4 x 8 reduce-overhead
-  run       `cxr-fast train` as a GPU user runs it (compiled, progressive) across a change of side, cold then warm
-            compile cache
+  call 1   data, profile, fastnorm, slowdown, loader
+  call 2   data, recipe, run
 
---rehearse runs every step on the CPU with a tiny model and a few images.
+  data      synthetic images, sharded as jpeg, png, png resized to the full side and raw
+  profile   the kernel profile (bench/profile.py) of ConvNeXt-L 512 at 32 x 1, eager and compiled, one process each
+  fastnorm  `bench train` eager at 32 x 1 for 20 steps, LayerNorm in float32 (default) and in bf16 (--fast-norm)
+  slowdown  `cxr-fast train --batch-size 4` (4 x 8) for 2 epochs: cuDNN autotuning on, off, and compiled with
+            reduce-overhead (CUDA graphs), one process each
+  loader    `bench loader` (DALI on the GPU) at 256 and 512 on each encoding, a window of at least 3 s
+  recipe    `bench recipe`, compiled, --measure-sides 3, 25 epochs 256 -> 512, projected for 1 and 8 GPUs
+  run       `cxr-fast train`, compiled, progressive 256 -> 384 -> 512 over 3 epochs, from an empty compile cache
+            and again from the one it filled (the cache folder is checked for files)
+
+Every compared setting runs in a process of its own (cuDNN's plan cache ignores the `benchmark` flag; compiled graphs
+stay in a process). --rehearse runs every part on the CPU with a tiny model and a few images, and prints the GPU
+estimates all the same.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,16 +45,22 @@ from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
 from cxr_fast.data.writer import ShardInput, write_shards  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-# Kernel classes of a ConvNeXt training step, by substrings of the kernel names (checked in this order).
-KERNEL_CLASSES = (
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("depthwise convolution", ("conv", "dgrad", "wgrad", "depthwise")),
-    ("matrix multiply", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "addmm", "mm_")),
-    ("layer norm", ("layer_norm", "layernorm")),
-    ("gelu", ("gelu",)),
-    ("fused (triton)", ("triton",)),
-    ("element-wise and casts", ("elementwise", "vectorized", "copy", "cast", "_to_", "fill", "reduce", "mul", "add")),
-)
+CALL_SECONDS = 510  # a call of 540 s on the device machine, less the DALI bundle's extraction and the imports
+# GPU seconds per part on one H200 (16 cores), from the round-1 records: a process start with ConvNeXt-L ~15 s,
+# a cold compile ~40 s per graph (8 s warm), 236 images/s compiled at 512 (~600 at 256), 189 eager, 44-80 at 4 x 8,
+# a DALI pipeline ~2 s, a 2.4 GB checkpoint ~3 s.
+ESTIMATES = {"data": 60, "profile": 90, "fastnorm": 40, "slowdown": 180, "loader": 120, "recipe": 180, "run": 270}
+CALLS = {1: ("data", "profile", "fastnorm", "slowdown", "loader"), 2: ("data", "recipe", "run")}
+SIZES = {
+    "gpu": {"model": "convnext_large", "side": 512, "source": 1024, "images": 1024, "workers": 16,
+            "micro_batch": 32, "profile_steps": 4, "fastnorm_steps": 20, "loader_sides": (256, 512),
+            "loader_seconds": 3.0, "recipe_steps": 6, "recipe_sides": 3},
+    "rehearse": {"model": "convnext_atto", "side": 64, "source": 128, "images": 160, "workers": 2,
+                 "micro_batch": 4, "profile_steps": 2, "fastnorm_steps": 2, "loader_sides": (32, 64),
+                 "loader_seconds": 0.5, "recipe_steps": 1, "recipe_sides": 2},
+}
+ENCODINGS = {"jpeg": {"encoding": "jpeg"}, "png": {"encoding": "png"}, "png-resized": {"encoding": "png"},
+             "raw": {"encoding": "raw"}}
 
 
 class Recorder:
@@ -56,190 +71,215 @@ class Recorder:
         line = json.dumps({"step": step, "gpu": self.gpu, **fields}, default=str)
         with open(self.path, "a") as f:
             f.write(line + "\n")
-        print(line, flush=True)
+        print(line[:400], flush=True)
 
 
-def cxr_fast(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """The CLI in a process of its own."""
-    return subprocess.run([sys.executable, "-m", "cxr_fast", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=True)
+class Clock:
+    """The call's time left; each subprocess gets it as its limit."""
+
+    def __init__(self, budget: float):
+        self.started, self.budget = time.perf_counter(), budget
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.started)
 
 
-def make_data(work: Path, size: dict, record: Recorder) -> dict[str, Path]:
-    started = time.perf_counter()
-    table = write_synthetic_dataset(work / "synth", SynthConfig(n_images=size["images"], source_size=size["source"],
-                                                                workers=size["workers"]))
-    variants = {"png": {}, "jpeg": {"encoding": "jpeg"}, "png-resized": {"resize": size["side"]}}
-    shards = {}
-    for name, settings in variants.items():
-        shards[name] = work / f"shards-{name}"
-        write_shards(ShardInput(work / "synth", table), ShardConfig(out=str(shards[name]), shard_size=256,
-                                                        workers=size["workers"], **settings))
-    record("data", images=size["images"], source_size=size["source"], seconds=time.perf_counter() - started,
-           shards={k: str(v) for k, v in shards.items()})
-    return shards
+class Probe:
+    def __init__(self, size: dict, work: Path, record: Recorder, clock: Clock):
+        self.size, self.work, self.record, self.clock = size, work, record, clock
+        self.shards: dict[str, Path] = {}
+
+    def cxr_fast(self, args: list, cache: str) -> subprocess.CompletedProcess:
+        """The CLI in a process of its own, with a compile cache of its own name below the work folder."""
+        env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "cache" / cache))
+        return subprocess.run([sys.executable, "-m", "cxr_fast", *map(str, args)], capture_output=True, text=True,
+                              timeout=max(1.0, self.clock.left()), check=True, env=env)
+
+    def data(self) -> None:
+        size, started = self.size, time.perf_counter()
+        table = write_synthetic_dataset(self.work / "synth", SynthConfig(
+            n_images=size["images"], source_size=size["source"], workers=size["workers"]))
+        for name, settings in ENCODINGS.items():
+            resize = {"resize": size["side"]} if name == "png-resized" else {}
+            self.shards[name] = self.work / f"shards-{name}"
+            write_shards(ShardInput(self.work / "synth", table), ShardConfig(
+                out=str(self.shards[name]), shard_size=256, workers=size["workers"], **settings, **resize))
+        self.record("data", images=size["images"], source_size=size["source"], seconds=time.perf_counter() - started,
+                    encodings=sorted(self.shards))
+
+    def profile(self) -> None:
+        for compiled in (False, True):
+            args = [sys.executable, __file__, "--profile", "compiled" if compiled else "eager"]
+            args += ["--rehearse"] if self.size is SIZES["rehearse"] else []
+            env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "cache" / f"profile-{compiled}"))
+            done = subprocess.run(args, capture_output=True, text=True, timeout=max(1.0, self.clock.left()),
+                                  check=True, env=env)
+            self.record("profile", model=self.size["model"], image_size=self.size["side"],
+                        micro_batch=self.size["micro_batch"], compiled=compiled,
+                        **json.loads(done.stdout.splitlines()[-1]))
+
+    def fastnorm(self) -> None:
+        size = self.size
+        for flag in ("--no-fast-norm", "--fast-norm"):
+            path = self.work / f"fastnorm{flag}.json"
+            self.cxr_fast(["bench", "train", "--model", size["model"], "--image-size", size["side"], "--batch-size",
+                           size["micro_batch"], "--steps", size["fastnorm_steps"], "--warmup", 3, "--no-compile", flag,
+                           "--json", path], cache="fastnorm")
+            self.record("fastnorm", setting=flag, **_without_machine(json.loads(path.read_text())))
+
+    def slowdown(self) -> None:
+        """4 x 8 for two epochs, one process per setting: epoch 1 against epoch 2, every part of each epoch."""
+        size = self.size
+        settings = {"cudnn-benchmark": ["--cudnn-benchmark", "--no-compile"],
+                    "no-cudnn-benchmark": ["--no-cudnn-benchmark", "--no-compile"],
+                    "reduce-overhead": ["--cudnn-benchmark", "--compile", "--compile-mode", "reduce-overhead"]}
+        for name, flags in settings.items():
+            out = self.work / f"slowdown-{name}"
+            started = time.perf_counter()
+            self.cxr_fast(["train", "--shards", self.shards["jpeg"], "--out", out, "--overwrite", "--model",
+                           size["model"], "--no-pretrained", "--image-size", size["side"], "--batch-size", 4,
+                           "--effective-batch", 32, "--epochs", 2, "--workers", size["workers"], *flags],
+                          cache=f"slowdown-{name}")
+            for record in _metrics(out):
+                self.record("slowdown", setting=name, micro_batch=4, accum=8,
+                            process_seconds=time.perf_counter() - started, **record)
+
+    def loader(self) -> None:
+        size = self.size
+        for name in self.shards:
+            for side in size["loader_sides"]:
+                if name == "png-resized" and side != size["side"]:
+                    continue
+                path = self.work / f"loader-{name}-{side}.json"
+                self.cxr_fast(["bench", "loader", "--shards", self.shards[name], "--loader", "dali", "--image-size",
+                               side, "--seconds", size["loader_seconds"], "--batches", 20, "--workers",
+                               size["workers"], "--json", path], cache="loader")
+                self.record("loader", shards=name, **_without_machine(json.loads(path.read_text())))
+
+    def recipe(self) -> None:
+        size = self.size
+        path = self.work / "recipe.json"
+        self.cxr_fast(["bench", "recipe", "--model", size["model"], "--image-size", size["side"], "--progressive",
+                       size["side"] // 2, "--batch-size", size["micro_batch"], "--compile", "--steps",
+                       size["recipe_steps"], "--measure-sides", size["recipe_sides"], "--gpus", 8, "--json", path],
+                      cache="recipe")
+        self.record("recipe", **_without_machine(json.loads(path.read_text())))
+
+    def run(self) -> None:
+        """A GPU user's run across two changes of side, from an empty compile cache, then from the one it filled."""
+        size = self.size
+        config = self.work / "run.yaml"
+        config.write_text(f"optim:\n  progressive: {size['side'] // 2}\n  progressive_final_epochs: 1\n")
+        cache = self.work / "run-inductor-cache"
+        for attempt in ("cold", "warm"):
+            out = self.work / f"run-{attempt}"
+            files_before = _files(cache)
+            started = time.perf_counter()
+            self.cxr_fast(["train", "--shards", self.shards["jpeg"], "--out", out, "--overwrite", "--config", config,
+                           "--model", size["model"], "--no-pretrained", "--image-size", size["side"], "--epochs", 3,
+                           "--compile", "--compile-cache", cache, "--workers", size["workers"]], cache="run")
+            process_seconds = time.perf_counter() - started
+            for record in _metrics(out):
+                self.record("run", attempt=attempt, cache_files_before=files_before, cache_files_after=_files(cache),
+                            process_seconds=process_seconds, expected_graphs=_expected_graphs(out, record), **record)
 
 
-def slowdown(shards: dict, work: Path, size: dict, record: Recorder) -> None:
-    """4 x 8 for two epochs, cuDNN autotuning on and off, each in its own process: epoch 1 against epoch 2."""
-    for flag in ("--cudnn-benchmark", "--no-cudnn-benchmark"):
-        out = work / f"slowdown{flag}"
-        args = ["train", "--shards", shards["png"], "--out", out, "--overwrite", "--model", size["model"],
-                "--no-pretrained", "--image-size", size["side"], "--batch-size", 4, "--epochs", 2, "--no-compile",
-                flag, "--workers", size["workers"]]
+def _without_machine(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "machine"}
+
+
+def _metrics(run: Path) -> list[dict]:
+    keep = ("epoch", "image_side", "train_images_per_second", "data_wait_fraction", "timed_images", "timed_seconds",
+            "timed_steps", "warmup_steps", "train_images", "compile_seconds", "compiled_graphs", "mfu",
+            "peak_gpu_memory_gib", "val_images", "epoch_seconds", "seconds", "unaccounted_seconds", "train_loss")
+    return [{k: r.get(k) for k in keep} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def _expected_graphs(run: Path, record: dict) -> int:
+    """Compiled graphs after this epoch: one per training side so far, and one for evaluation once validated."""
+    done = [r for r in _metrics(run) if r["epoch"] <= record["epoch"]]
+    return len({r["image_side"] for r in done}) + any(r.get("val_images") for r in done)
+
+
+def _files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def plan(parts: list[str]) -> str:
+    """The estimate per part and in all, printed before anything runs."""
+    rows = [f"  {name:<9} {ESTIMATES[name]:>4} s" for name in parts]
+    return "\n".join(["GPU estimate (one H200):", *rows, f"  {'total':<9} {sum(ESTIMATES[n] for n in parts):>4} s "
+                      f"of {CALL_SECONDS} s"])
+
+
+def run_parts(probe: Probe, parts: list[str], rehearse: bool) -> None:
+    record, clock = probe.record, probe.clock
+    for name in parts:
+        if not rehearse and ESTIMATES[name] > clock.left():
+            record(name, skipped=f"its estimate, {ESTIMATES[name]} s, exceeds the {clock.left():.0f} s left")
+            continue
+        print(f"== {name}: estimate {ESTIMATES[name]} s on the GPU; {clock.left():.0f} s left", flush=True)
         started = time.perf_counter()
-        cxr_fast(args, timeout=300)
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            record("slowdown", setting=flag, micro_batch=4, accum=8, wall_seconds=time.perf_counter() - started,
-                   **{k: r.get(k) for k in ("epoch", "train_images_per_second", "data_wait_fraction", "warmup_steps",
-                                            "peak_gpu_memory_gib", "image_side")})
+        try:
+            getattr(probe, name)()
+        except Exception as error:  # a broken part must not cost the later ones
+            detail = getattr(error, "stderr", "") or ""
+            record(name, error=f"{type(error).__name__}: {error}"[:1500], stderr=str(detail)[-3000:],
+                   traceback=traceback.format_exc()[-2000:])
+            if name == "data":
+                return
+        finally:
+            print(f"== {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def classify(name: str) -> str:
-    lowered = name.lower()
-    return next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other")
-
-
-def profile_steps(compiled: bool, size: dict) -> dict:
-    """(In its own process) a few optimizer steps of the trainer under torch.profiler, after its warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from cxr_fast.bench.train import bench_run_config, trainer
-    from cxr_fast.config import BenchTrainConfig
-    from cxr_fast.data.loader import LoaderSpec, SyntheticLoader
-    from cxr_fast.training.engine import train_one_epoch
-
-    device = torch.device("cuda" if CUDA else "cpu")
-    run = bench_run_config(BenchTrainConfig(model=size["model"], image_size=size["side"],
-                                            batch_size=size["micro_batch"], compile=compiled))
-    state, _model = trainer(run, device)
-    spec = LoaderSpec("", "train", run.data, batch_size=size["micro_batch"], device=device)
-    warmup, steps = 3, size["profile_steps"]
-    train_one_epoch(state, SyntheticLoader(spec, warmup, len(state.classes)), warmup, show_progress=False)
-    state.batch_in_epoch = 0
-    activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        started = time.perf_counter()
-        stats = train_one_epoch(state, SyntheticLoader(spec, steps, len(state.classes)), steps, show_progress=False)
-        wall = time.perf_counter() - started
-    times = {}
-    for event in prof.key_averages():
-        spent = (event.self_device_time_total if CUDA else event.self_cpu_time_total) / 1e6
-        if spent > 0 and (CUDA or event.key.startswith("aten::")):
-            times[event.key] = times.get(event.key, 0.0) + spent
-    busy = sum(times.values())
-    classes: dict[str, float] = {}
-    for name, spent in times.items():
-        classes[classify(name)] = classes.get(classify(name), 0.0) + spent
-    top = sorted(times.items(), key=lambda kv: -kv[1])[:15]
-    return {"compiled": compiled, "micro_batch": size["micro_batch"], "steps": steps, "images": stats.images,
-            "wall_seconds": wall, "images_per_second": stats.images / wall, "busy_seconds": busy,
-            "idle_share": max(0.0, 1 - busy / wall), "share": {k: v / wall for k, v in sorted(classes.items())},
-            "top_kernels": [{"name": k[:160], "seconds": v, "share": v / wall} for k, v in top]}
-
-
-def profiles(size: dict, record: Recorder, rehearse: bool) -> None:
-    for compiled in (False, True):
-        args = [sys.executable, __file__, "--profile", "compiled" if compiled else "eager"] + \
-            (["--rehearse"] if rehearse else [])
-        done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
-        record("profile", model=size["model"], image_size=size["side"], **json.loads(done.stdout.splitlines()[-1]))
-
-
-def loaders(shards: dict, size: dict, record: Recorder, work: Path) -> None:
-    """The DALI pipeline (on the GPU where there is one) at the small and the full side, one process each."""
-    for name in ("jpeg", "png", "png-resized"):
-        for side in size["loader_sides"]:
-            path = work / f"loader-{name}-{side}.json"
-            cxr_fast(["bench", "loader", "--shards", shards[name], "--loader", "dali", "--image-size", side,
-                      "--batches", size["loader_batches"], "--warmup", 10, "--workers", size["workers"], "--json",
-                      path], timeout=180)
-            result = json.loads(path.read_text())
-            record("loader", shards=name, **{k: v for k, v in result.items() if k != "machine"})
-
-
-def recipes(size: dict, record: Recorder, work: Path) -> None:
-    settings = [("default", 32, ["--measure-sides", 3]), ("max-autotune-no-cudagraphs", 32, ["--measure-sides", 2]),
-                ("reduce-overhead", 4, ["--measure-sides", 1])]
-    for mode, micro_batch, extra in settings:
-        path = work / f"recipe-{mode}-{micro_batch}.json"
-        cxr_fast(["bench", "recipe", "--model", size["model"], "--image-size", size["side"], "--progressive",
-                  size["side"] // 2, "--batch-size", micro_batch, "--compile", "--compile-mode", mode,
-                  "--steps", size["recipe_steps"], "--gpus", 8, "--json", path, *extra], timeout=480)
-        result = json.loads(path.read_text())
-        record("recipe", **{k: v for k, v in result.items() if k != "machine"})
-
-
-def real_run(shards: dict, size: dict, record: Recorder, work: Path) -> None:
-    """`cxr-fast train` with a GPU user's defaults across a change of side, cold then warm compile cache."""
-    config = work / "run.yaml"
-    config.write_text(f"optim:\n  progressive: {size['side'] // 2}\n  progressive_final_epochs: 1\n")
-    cache = work / "inductor-cache"
-    for attempt in ("cold cache", "warm cache"):
-        out = work / f"run-{attempt.split()[0]}"
-        started = time.perf_counter()
-        cxr_fast(["train", "--shards", shards["jpeg"], "--out", out, "--overwrite", "--config", config, "--model",
-                  size["model"], "--no-pretrained", "--image-size", size["side"], "--epochs", 3, "--compile-cache",
-                  cache, "--workers", size["workers"]] + ([] if CUDA else ["--compile"]), timeout=480)
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        for r in records:
-            record("run", attempt=attempt, wall_seconds=time.perf_counter() - started, expected_graphs=3,
-                   **{k: r.get(k) for k in ("epoch", "image_side", "train_images_per_second", "data_wait_fraction",
-                                            "compile_seconds", "compiled_graphs", "warmup_steps",
-                                            "peak_gpu_memory_gib", "val_images")})
-
-
-SIZES = {
-    "gpu": {"model": "convnext_large", "side": 512, "source": 1024, "images": 2048, "workers": 16,
-            "micro_batch": 32, "profile_steps": 4, "loader_sides": (256, 512), "loader_batches": 60,
-            "recipe_steps": 6},
-    "rehearse": {"model": "convnext_atto", "side": 64, "source": 128, "images": 160, "workers": 2,
-                 "micro_batch": 4, "profile_steps": 2, "loader_sides": (32, 64), "loader_batches": 4,
-                 "recipe_steps": 1},
-}
+def parse_parts(args) -> list[str]:
+    parts = list(CALLS[args.call]) if args.call else [p for call in (1, 2) for p in CALLS[call] if p != "data"]
+    if args.only:
+        asked = [p.strip() for p in args.only.split(",") if p.strip()]
+        unknown = [p for p in asked if p not in ESTIMATES]
+        if unknown:
+            raise SystemExit(f"Error: unknown part(s) {', '.join(unknown)}; the parts are {', '.join(ESTIMATES)}")
+        parts = [p for p in ESTIMATES if p in asked]
+    return (["data"] if parts and parts[0] != "data" else []) + parts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="the JSON-lines file")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gpucheck"))
+    parser.add_argument("--call", type=int, choices=(1, 2), help="the parts of call 1 or 2 (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated parts (data always runs first)")
+    parser.add_argument("--budget", type=float, help=f"seconds this call may take (default {CALL_SECONDS}; "
+                        "a rehearsal: an hour, and no part is skipped)")
     parser.add_argument("--rehearse", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated steps to run (data always runs)")
     parser.add_argument("--profile", choices=("eager", "compiled"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     size = SIZES["rehearse" if args.rehearse else "gpu"]
+    args.budget = args.budget or (3600 if args.rehearse else CALL_SECONDS)
     if args.profile:
-        print(json.dumps(profile_steps(args.profile == "compiled", size)))
+        print(json.dumps(_profile_child(args.profile == "compiled", size)))
         return
+    parts = parse_parts(args)
+    print(plan(parts), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = Recorder(args.out)
-    record("machine", **machine(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    only = set(filter(None, args.only.split(",")))
+    record("machine", **machine(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), parts=parts,
+           estimates={p: ESTIMATES[p] for p in parts}, budget_seconds=args.budget, rehearse=args.rehearse)
+    work = Path(tempfile.mkdtemp(prefix="cxr-fast-gpu-check-"))
+    try:
+        run_parts(Probe(size, work, record, Clock(args.budget)), parts, args.rehearse)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    def step(name, fn, *fn_args):
-        if only and name not in only | {"data"}:
-            return None
-        started = time.perf_counter()
-        try:
-            return fn(*fn_args)
-        except Exception as error:  # a broken step must not cost the later ones
-            detail = getattr(error, "stderr", "") or ""
-            record(name, error=f"{type(error).__name__}: {error}"[:1500], stderr=detail[-3000:],
-                   traceback=traceback.format_exc()[-2000:])
-            return None
-        finally:
-            print(f"== {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
-    shards = step("data", make_data, args.work, size, record)
-    if shards is None:
-        return
-    step("slowdown", slowdown, shards, args.work, size, record)
-    step("profile", profiles, size, record, args.rehearse)
-    step("loader", loaders, shards, size, record, args.work)
-    step("recipe", recipes, size, record, args.work)
-    step("run", real_run, shards, size, record, args.work)
+def _profile_child(compiled: bool, size: dict) -> dict:
+    from cxr_fast.bench.profile import profile_training
+    from cxr_fast.config import RunConfig, replace
+
+    run = replace(RunConfig(), **{"model.name": size["model"], "model.pretrained": False, "model.compile": compiled,
+                                  "data.image_size": size["side"], "optim.batch_size": size["micro_batch"],
+                                  "optim.accum": 1, "optim.effective_batch": size["micro_batch"]})
+    return profile_training(run, size["profile_steps"])
 
 
 if __name__ == "__main__":

@@ -23,43 +23,51 @@ from cxr_fast.training.engine import synchronize
 
 class Forever:
     """The batches of one loader object, epoch after epoch (DALI's iterator resets, DataLoader workers persist),
-    with the loader's device: a stream for measurements longer than an epoch."""
+    with the loader's device: a stream for measurements longer than an epoch. `full_batches` leaves out each epoch's
+    short last batch (a shape of its own)."""
 
-    def __init__(self, loader):
-        self.loader, self.device = loader, getattr(loader, "device", None)
+    def __init__(self, loader, full_batches: bool = False):
+        self.loader, self.device, self.full_batches = loader, getattr(loader, "device", None), full_batches
+        self.batch_size = None
 
     def __iter__(self):
         while True:
             produced = False
             for batch in self.loader:
+                self.batch_size = self.batch_size or len(batch.keys)
+                if self.full_batches and len(batch.keys) < self.batch_size:
+                    continue
                 produced = True
                 yield batch
             if not produced:
-                raise CxrFastError("the loader produced no batch")
+                raise CxrFastError("the loader produced no full batch" if self.full_batches else
+                                   "the loader produced no batch")
 
 
 def bench_loader(shards_dir: str | Path, config: BenchLoaderConfig = BenchLoaderConfig()) -> dict:
     """Steady-state images/s of one loader doing the full work (decode → resize → CLAHE → augment → normalised
     channels-last batches on the target device) and the CPU time it costs per image (all cores of the machine).
 
-    One loader object serves every epoch; its build and the first `warmup` batches (prefetch fill) are outside
-    the timed window."""
+    One loader object serves every epoch; its build and the first `warmup` batches (prefetch fill, every worker's
+    first wave) are outside the timed window, which lasts at least `batches` batches and `seconds` seconds."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = resolve_loader(config.loader, device)
     workers = config.workers or os.cpu_count()
+    warmup = config.warmup if config.warmup is not None else max(10, 2 * workers)
     data = DataConfig(image_size=config.image_size, workers=workers)
     started = time.perf_counter()
     loader = create_loader(LoaderSpec(shards_dir, config.split, data, batch_size=config.batch_size,
                                       train=config.augment, loader=resolved, device=device, dali_cpu=config.dali_cpu))
     stream = iter(Forever(loader))
-    for _ in range(config.warmup):
+    for _ in range(warmup):
         next(stream)
     synchronize(device)
     build_seconds = time.perf_counter() - started
     busy, started = cpu_busy_seconds(), time.perf_counter()
-    images = 0
-    for _ in range(config.batches):
+    images = batches = 0
+    while batches < config.batches or time.perf_counter() - started < config.seconds:
         images += len(next(stream).keys)
+        batches += 1
     synchronize(device)
     seconds = time.perf_counter() - started
     cpu_seconds = cpu_busy_seconds() - busy
@@ -69,7 +77,7 @@ def bench_loader(shards_dir: str | Path, config: BenchLoaderConfig = BenchLoader
               "resolved": f"{resolved}-{on}" if resolved == "dali" else resolved,
               "images_per_second": images / seconds, "cpu_core_ms_per_image": 1000 * cpu_seconds / images,
               "cpu_cores_busy": cpu_seconds / seconds, "images": images, "seconds": seconds,
-              "batches": config.batches, "warmup_batches": config.warmup, "build_and_warmup_seconds": build_seconds,
+              "batches": batches, "warmup_batches": warmup, "build_and_warmup_seconds": build_seconds,
               "batch_size": config.batch_size, "workers": workers, "image_size": config.image_size,
               "augment": config.augment, "split": config.split, "split_batches": len(loader),
               "encoding": manifest["config"]["encoding"], "stored_size": manifest["config"]["resize"],

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import torch
 
-from cxr_fast.bench.flops import training_flops_per_image
 from cxr_fast.bench.loader import Forever
-from cxr_fast.bench.machine import device_peak, machine
-from cxr_fast.config import BenchTrainConfig, RunConfig, replace
+from cxr_fast.bench.machine import machine
+from cxr_fast.config import NIH_TRAIN_IMAGES, BenchTrainConfig, RunConfig, replace
+from cxr_fast.data.datasets import nih
 from cxr_fast.data.loader import LoaderSpec, SyntheticLoader, create_loader
+from cxr_fast.data.reader import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import train_one_epoch
-from cxr_fast.training.losses import FocalLoss
-from cxr_fast.training.setup import Env, Plan, build_model, build_state
+from cxr_fast.training.flops import device_peak, training_flops_per_image
+from cxr_fast.training.setup import build_trainer
 
 
 def bench_run_config(config: BenchTrainConfig) -> RunConfig:
@@ -25,37 +26,31 @@ def bench_run_config(config: BenchTrainConfig) -> RunConfig:
     return replace(RunConfig(), **{
         "model.name": config.model, "model.pretrained": False, "model.channels_last": config.channels_last,
         "model.compile": config.compile, "model.compile_mode": config.compile_mode,
-        "data.image_size": config.image_size, "data.in_chans": config.in_chans, "data.workers": config.workers,
-        "optim.batch_size": config.batch_size, "optim.accum": config.accum,
+        "model.fast_norm": config.fast_norm, "data.image_size": config.image_size, "data.in_chans": config.in_chans,
+        "data.workers": config.workers, "optim.batch_size": config.batch_size, "optim.accum": config.accum,
         "optim.effective_batch": config.batch_size * config.accum, "amp": config.amp,
         "cudnn_benchmark": config.cudnn_benchmark})
 
 
-# The head measured: as many outputs as NIH's 14 findings (the speed does not depend on their names).
-HEAD = tuple(f"class_{i}" for i in range(14))
-
-
-def trainer(run: RunConfig, device: torch.device):
-    """(TrainState, model) as `cxr-fast train` builds them: the model (compiled where the run would be, one graph per
-    side of its schedule), fused AdamW on CUDA, cuDNN's autotuning as set, the schedule, the scaler, the focal loss."""
-    env = Env(0, 1, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = run.cudnn_benchmark
-    model, ema = build_model(run, env, None, len(HEAD))
-    state = build_state(run, Plan(HEAD, run.optim.batch_size, 1_000_000, 1_000_000), env, model, ema,
-                        FocalLoss(run.optim.focal_gamma))
-    return state, model
+def _classes_and_images(shards_dir, config: BenchTrainConfig) -> tuple[tuple[str, ...], int]:
+    """The head and the epoch the schedule is planned over: the shards' own, or NIH's for synthetic inputs."""
+    if config.data == "synthetic":
+        return tuple(nih.CLASSES), NIH_TRAIN_IMAGES
+    if shards_dir is None:
+        raise CxrFastError("--data with a loader needs --shards")
+    manifest = load_manifest(shards_dir)
+    return tuple(manifest["classes"]), manifest["splits"]["train"]["images"]
 
 
 def _batches(shards_dir, config: BenchTrainConfig, run: RunConfig, device: torch.device, count: int):
     if config.data == "synthetic":
         spec = LoaderSpec("", "train", run.data, batch_size=config.batch_size, device=device)
-        return SyntheticLoader(spec, count, len(HEAD))
-    if shards_dir is None:
-        raise CxrFastError("--data with a loader needs --shards")
+        return SyntheticLoader(spec, count, len(nih.CLASSES))
     data = replace(run.data, workers=config.workers or os.cpu_count())
-    return Forever(create_loader(LoaderSpec(shards_dir, "train", data, batch_size=config.batch_size, train=True,
-                                            loader=config.data, device=device)))
+    loader = create_loader(LoaderSpec(shards_dir, "train", data, batch_size=config.batch_size, train=True,
+                                      loader=config.data, device=device))
+    # Full batches only: the split's short last batch is a new shape (autotuning or a recompile in the window).
+    return Forever(loader, full_batches=True)
 
 
 def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchTrainConfig()) -> dict:
@@ -63,7 +58,8 @@ def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchT
     for input, and MFU from counted FLOPs against the device's peak."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = bench_run_config(config)
-    state, model = trainer(run, device)
+    classes, train_images = _classes_and_images(shards_dir, config)
+    state, model = build_trainer(run, device, classes, train_images)
     flops = training_flops_per_image(model, config.in_chans, config.image_size, device)["flops_per_image"]
     batches = (config.warmup + config.steps) * config.accum
     loader = _batches(shards_dir, config, run, device, batches)
@@ -71,12 +67,13 @@ def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchT
     gpu, peak = device_peak(device, config.peak_tflops)
     rate = stats.timed_images / stats.timed_seconds
     return {"kind": "train", "model": config.model, "data": config.data, "images_per_second": rate,
-            "images": stats.timed_images, "seconds": stats.timed_seconds, "steps": config.steps,
-            "warmup_steps": config.warmup, "warmup_seconds": stats.seconds - stats.timed_seconds,
+            "images": stats.timed_images, "seconds": stats.timed_seconds, "steps": stats.timed_steps,
+            "warmup_steps": config.warmup, "warmup_seconds": stats.warmup_seconds,
+            "loader_start_seconds": stats.loader_start_seconds, "loss": stats.loss,
             "data_wait_fraction": stats.input_wait_seconds / stats.timed_seconds, "flops_per_image": flops,
             "mfu": rate * flops / peak if peak else None, "peak_flops": peak, "gpu": gpu,
             "batch_size": config.batch_size, "accum": config.accum, "image_size": config.image_size,
-            "amp": str(state.amp_dtype), "channels_last": config.channels_last,
+            "amp": str(state.amp_dtype), "channels_last": config.channels_last, "fast_norm": config.fast_norm,
             "compiled": resolve_compile(run.model, device), "compile_mode": config.compile_mode,
             "compile_seconds": stats.warmup_overhead_seconds, "cudnn_benchmark": config.cudnn_benchmark,
             "in_chans": config.in_chans, "device": str(device), "machine": machine()}

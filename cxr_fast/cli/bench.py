@@ -31,8 +31,8 @@ def report(result: dict, json_path: Path | None) -> None:
 
 @bench.command("loader")
 @click.option("--shards", type=SHARDS, required=True)
-@config_options(BenchLoaderConfig, "split", "loader", "dali_cpu", "batch_size", "batches", "warmup", "image_size",
-                "workers", "augment", "decode")
+@config_options(BenchLoaderConfig, "split", "loader", "dali_cpu", "batch_size", "batches", "seconds", "warmup",
+                "image_size", "workers", "augment", "decode")
 @config_file_option(BenchLoaderConfig)
 @click.option("--json", "json_path", type=JSON_FILE)
 def bench_loader_command(shards, json_path, **settings) -> None:
@@ -43,8 +43,9 @@ def bench_loader_command(shards, json_path, **settings) -> None:
 
 @bench.command("train")
 @click.option("--shards", type=SHARDS, help="Needed with --data auto, dali or torch.")
-@config_options(BenchTrainConfig, "model", "image_size", "batch_size", "steps", "warmup", "amp", "channels_last",
-                "compile", "in_chans", "data", "workers", "peak_tflops")
+@config_options(BenchTrainConfig, "model", "image_size", "batch_size", "accum", "steps", "warmup", "amp",
+                "channels_last", "compile", "compile_mode", "cudnn_benchmark", "fast_norm", "in_chans", "data", "workers",
+                "peak_tflops")
 @config_file_option(BenchTrainConfig)
 @click.option("--json", "json_path", type=JSON_FILE)
 def bench_train_command(shards, json_path, **settings) -> None:
@@ -59,7 +60,8 @@ def bench_train_command(shards, json_path, **settings) -> None:
 @bench.command("recipe")
 @config_options(BenchRecipeConfig, "model", "image_size", "progressive", "progressive_final_epochs", "epochs",
                 "images", "val_images", "val_every", "batch_size", "effective_batch", "compile", "compile_mode", "amp",
-                "steps", "warmup", "eval_batches", "measure_sides", "gpus", "peak_tflops")
+                "fast_norm", "steps", "warmup", "eval_batches", "measure_sides", "loader_build_seconds", "gpus",
+                "peak_tflops")
 @config_file_option(BenchRecipeConfig)
 @click.option("--json", "json_path", type=JSON_FILE)
 def bench_recipe_command(json_path, **settings) -> None:
@@ -70,13 +72,17 @@ def bench_recipe_command(json_path, **settings) -> None:
     write_json(result, json_path)
     for row in result["sides"]:
         mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""
-        how = "estimated from the measured sides" if row.get("estimated") else \
+        how = "fitted to the measured sides" if row.get("estimated") else \
             f"{row['images']} images in {row['seconds']:.2f} s after {row['warmup_steps']} warm-up steps"
         click.echo(f"side {row['side']}: {row['images_per_second']:.1f} images/s{mfu} ({how})")
-    click.echo(f"evaluation: {result['evaluation']['images_per_second']:.1f} images/s")
-    for name, projection in result["projection"].items():
-        click.echo(f"{name}: {projection['total_seconds'] / 60:.1f} min on one device ({projection['compile_seconds']:.0f} s "
-                   f"compiling), {projection['total_seconds'] / 60 / result['gpus']:.1f} min on {result['gpus']} (linear)")
+    click.echo(f"evaluation: {result['evaluation']['images_per_second']:.1f} images/s; one last.pt: "
+               f"{result['checkpoint_seconds']:.1f} s; start-up: {result['startup_seconds']:.1f} s")
+    for name, p in result["projection"].items():
+        terms = ", ".join(f"{key[:-len('_seconds')].replace('_', ' ')} {p[key] / 60:.1f}" for key in p
+                          if key.endswith("_seconds") and key not in ("total_seconds", "total_seconds_gpus"))
+        click.echo(f"{name}: {p['total_seconds'] / 60:.1f} min on one device ({terms} min); "
+                   f"{p['total_seconds_gpus'] / 60:.1f} min on {p['gpus']} (training and validation divided, "
+                   "linear scaling)")
     click.echo(f"each device needs {result['loader_images_per_second_per_gpu']:.0f} images/s from its loader at the "
                f"smallest side{f' -> {json_path}' if json_path else ''}")
 

@@ -11,10 +11,10 @@ from cxr_fast.config import RunConfig, load_yaml, replace
 from cxr_fast.training.run import run_training
 
 TRAIN_SETTINGS = ("model.name", "model.pretrained", "model.weights", "model.compile", "model.compile_mode",
-                  "model.compile_cache", "data.image_size", "data.fit", "data.in_chans", "data.workers", "optim.batch_size",
-                  "optim.accum", "optim.epochs", "optim.lr", "optim.ema_decay", "optim.effective_batch",
-                  "optim.progressive", "val_every", "device", "loader", "amp", "seed", "max_steps", "tensorboard",
-                  "cudnn_benchmark")
+                  "model.compile_cache", "model.fast_norm", "data.image_size", "data.fit", "data.in_chans",
+                  "data.workers", "optim.batch_size", "optim.accum", "optim.epochs", "optim.lr", "optim.ema_decay",
+                  "optim.effective_batch", "optim.progressive", "val_every", "device", "loader", "amp", "seed",
+                  "max_steps", "tensorboard", "cudnn_benchmark")
 
 
 @click.command()

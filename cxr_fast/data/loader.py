@@ -97,7 +97,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec, masked: bool):
         super().__init__()
         self.tars, self.lo, self.hi, self.batch_size, self.masked = tars, lo, hi, spec.batch_size, masked
-        self.config, self.train, self.seed, self.side = spec.data, spec.train, spec.seed, spec.side
+        self.config, self.train, self.side = spec.data, spec.train, spec.side
+        # The epoch's seed in shared memory: persistent workers read it at the start of every epoch.
+        self.seed_cell = torch.tensor([spec.seed], dtype=torch.int64).share_memory_()
 
     def _range(self, worker: int, workers: int) -> tuple[int, int]:
         batches = math.ceil((self.hi - self.lo) / self.batch_size)
@@ -126,10 +128,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         start, stop = self._range(worker, workers)
         samples = self._samples(start, stop)
-        rng = None
+        rng, seed = None, int(self.seed_cell[0])
         if self.train:
-            samples = self._shuffled(samples, random.Random(self.seed * 1_000_003 + start))
-            rng = np.random.default_rng([self.seed, start])
+            samples = self._shuffled(samples, random.Random(seed * 1_000_003 + start))
+            rng = np.random.default_rng([seed, start])
         images, labels, keys = [], [], []
         for key, sample in samples:
             try:
@@ -186,7 +188,7 @@ class TorchLoader(_Loader):
     def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec, masked: bool):
         super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
         workers = min(spec.data.workers, self.batches)  # no idle workers
-        dataset = ShardDataset(tars, lo, hi, spec, masked)
+        self.dataset = dataset = ShardDataset(tars, lo, hi, spec, masked)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None, worker_init_fn=_init_worker,
@@ -196,6 +198,10 @@ class TorchLoader(_Loader):
             generator=torch.Generator().manual_seed(spec.seed),
             # Not fork: a process that has run DALI (or CUDA) holds threads whose locks a forked child inherits.
             multiprocessing_context="forkserver" if workers else None)
+
+    def reseed(self, seed: int) -> None:
+        """The next iteration (epoch) shuffles and augments as a loader built with `seed` would: the workers stay."""
+        self.dataset.seed_cell[0] = seed
 
     def __iter__(self):
         for images, labels, keys in self.loader:

@@ -205,7 +205,8 @@ def _paint_one(job: tuple) -> None:
         top = (height - size) // 2
         image = cv2.copyMakeBorder(image, top, height - size - top, 0, 0, cv2.BORDER_CONSTANT, value=12)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix.lower() in (".jpg", ".jpeg") else []  # PNG: lossless
+    if not cv2.imwrite(str(path), image, params):
         raise OSError(f"cannot write {path}")
 
 

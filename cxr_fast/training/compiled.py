@@ -40,9 +40,11 @@ def prepare_compiler(config: ModelConfig, graphs: int) -> None:
     import torch._dynamo.config as dynamo_config  # part of torch; imported here, where compiling is chosen
     import torch._inductor.config as inductor_config
 
-    folder = cache_folder(config)
+    folder = cache_folder(config).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    # Set, not defaulted: importing torch._dynamo has already put torch's temp folder there, and inductor reads the
+    # variable at each compilation (Triton's kernels go below it too, unless TRITON_CACHE_DIR says otherwise).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     inductor_config.fx_graph_cache = True
     limit = 2 * graphs + 2
     for name in ("recompile_limit", "cache_size_limit"):

@@ -113,6 +113,11 @@ class InputWait:
 
 @dataclass
 class EpochStats:
+    """One call of `train_one_epoch`: what it trained and where its time went. Its `seconds` are the loader's start
+    (asking for the iterator until the first batch), the warm-up (the steps before the window opened, with the
+    batches a resume skips) and the timed window, which opens after `warmup_steps` optimizer steps and a device
+    sync and closes with a sync."""
+
     loss: float  # mean of the epoch's micro-batch losses so far (all ranks)
     stopped: bool
     images: int  # trained by this call, all ranks
@@ -121,6 +126,8 @@ class EpochStats:
     timed_images: int  # after the warm-up steps: what images/s is computed from
     timed_seconds: float
     warmup_steps: int
+    timed_steps: int = 0
+    loader_start_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -130,12 +137,17 @@ class EpochStats:
         return self.images / self.seconds
 
     @property
+    def warmup_seconds(self) -> float:
+        """The call's time between its first batch and the window's opening (its end, if it never opened)."""
+        return max(0.0, self.seconds - self.loader_start_seconds - self.timed_seconds)
+
+    @property
     def warmup_overhead_seconds(self) -> float | None:
         """What the warm-up steps took beyond their images at the steady rate: compilation and autotuning."""
         if not (self.timed_images and self.timed_seconds > 0):
             return None
         warmup_images = self.images - self.timed_images
-        return max(0.0, self.seconds - self.timed_seconds - warmup_images * self.timed_seconds / self.timed_images)
+        return max(0.0, self.warmup_seconds - warmup_images * self.timed_seconds / self.timed_images)
 
     @property
     def data_wait_fraction(self) -> float:
@@ -161,7 +173,7 @@ def _agree(tensor: torch.Tensor) -> list[float]:
 
 
 def train_one_epoch(state: TrainState, loader, batches: int, stop_requested=never, show_progress: bool = True,
-                    warmup_steps: int = 0) -> EpochStats:
+                    warmup_steps: int = 1) -> EpochStats:
     """Run micro-batches until `batches` (a multiple of accum) are done or a rank's `stop_requested(step)` says so
     for the step about to be taken (it is taken, then the epoch stops). Resumes inside an epoch by skipping the
     `state.batch_in_epoch` batches already trained on.
@@ -169,7 +181,10 @@ def train_one_epoch(state: TrainState, loader, batches: int, stop_requested=neve
     Losses stay on the device; once per optimizer step, before the step, one collective brings the step's loss, a
     non-finite flag and the stop requests of all ranks to the host, so all ranks raise or stop together. The first
     `warmup_steps` optimizer steps of this call (autotuning and compilation at a new input shape) are left out of
-    the timed window that images/s is computed from."""
+    the timed window that images/s is computed from: at least one, so that the window opens after a step at this
+    epoch's shape (the loader started, the device synchronised), every epoch."""
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
     model, accum, device = state.model, state.accum, state.device
     model.train()
     skip = state.batch_in_epoch
@@ -181,12 +196,14 @@ def train_one_epoch(state: TrainState, loader, batches: int, stop_requested=neve
     wait, recent, images, started = InputWait(device), [], 0, time.perf_counter()
     timer = _Window(device, warmup_steps)
     cycle = torch.zeros((), dtype=torch.float64, device=device)
-    iterator = iter(loader)
+    iterator, loader_start = iter(loader), None
     for index in range(batches):
         before = time.perf_counter()
         batch = next(iterator, None)
         if batch is None:
             raise CxrFastError(f"the train loader ended after {index} batches, {batches} expected")
+        if loader_start is None:
+            loader_start = time.perf_counter() - started
         if index < skip:
             continue  # already trained on before the interruption; the loader is seeded, so these are the same
         wait.fetched(time.perf_counter() - before)
@@ -208,7 +225,8 @@ def train_one_epoch(state: TrainState, loader, batches: int, stop_requested=neve
     synchronize(device)
     timed_images, timed_seconds, timed_wait = timer.close(images, wait)
     return EpochStats(state.history["loss_sum"] / max(1, state.history["loss_count"]), state.batch_in_epoch < batches,
-                      images, time.perf_counter() - started, timed_wait, timed_images, timed_seconds, warmup_steps)
+                      images, time.perf_counter() - started, timed_wait, timed_images, timed_seconds, warmup_steps,
+                      max(0, timer.steps - warmup_steps), loader_start or 0.0)
 
 
 class _Window:
@@ -216,7 +234,7 @@ class _Window:
 
     def __init__(self, device: torch.device, warmup: int):
         self.device, self.warmup, self.steps = device, warmup, 0
-        self.started = time.perf_counter() if warmup == 0 else None
+        self.started = None
         self.images = self.wait = 0
 
     def stepped(self, images: int, wait: InputWait) -> None:

@@ -19,33 +19,45 @@ from cxr_fast.errors import CxrFastError
 def create_model(config: ModelConfig, in_chans: int, num_classes: int, pretrained: bool | None = None) -> nn.Module:
     """Build the classifier. A one-channel stem folds the pretrained RGB weights (timm sums them over channels).
 
-    pretrained=None follows the config; False is used when a checkpoint will overwrite the weights anyway.
+    pretrained=None follows the config; False is used when a checkpoint will overwrite the weights anyway. With
+    `fast_norm` timm's LayerNorms run in the autocast dtype (bf16) rather than float32 with casts around them.
     """
     import timm
+    from timm.layers import is_fast_norm, set_fast_norm
 
-    use_pretrained = config.pretrained if pretrained is None else pretrained
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": config.drop_rate}
     if not timm.is_model(config.name):
         raise CxrFastError(f"unknown timm model {config.name!r} (e.g. convnext_large, convnext_atto)")
+    previous = is_fast_norm()
+    set_fast_norm(config.fast_norm)  # read by each norm layer as it is built; a process-wide switch, put back below
+    try:
+        model = _timm_model(config, in_chans, num_classes, config.pretrained if pretrained is None else pretrained)
+    finally:
+        set_fast_norm(previous)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _timm_model(config: ModelConfig, in_chans: int, num_classes: int, use_pretrained: bool) -> nn.Module:
+    import timm
+
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": config.drop_rate}
     if config.weights and use_pretrained is not False:
         path = Path(config.weights)
         if not path.is_file():
             raise CxrFastError(f"--weights {path}: no such file")
         try:
-            model = timm.create_model(config.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            return timm.create_model(config.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                     **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as error:
             reason = str(error).splitlines()[0][:300]
             raise CxrFastError(f"--weights {path} does not fit {config.name}: {reason}") from None
-    elif use_pretrained:
+    if use_pretrained:
         try:
-            model = timm.create_model(config.name, pretrained=True, **kwargs)
+            return timm.create_model(config.name, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as error:  # huggingface_hub's offline and not-found errors are OSErrors
             raise CxrFastError(
                 f"could not get ImageNet weights for {config.name} from the timm hub ({type(error).__name__}). "
                 f"If this machine is offline, pass --weights FILE (a timm or torch checkpoint of {config.name}, e.g. "
                 f"downloaded elsewhere), or --no-pretrained to train from random weights.") from None
-    else:
-        model = timm.create_model(config.name, pretrained=False, **kwargs)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return timm.create_model(config.name, pretrained=False, **kwargs)

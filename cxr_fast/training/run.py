@@ -6,7 +6,8 @@ of the split, validation predictions are gathered so metrics cover every sample 
 
 Exact resume: the train loader of epoch e is seeded by (seed, e, rank), so an interrupted epoch can be replayed and
 the batches already trained on skipped; model, optimizer, scheduler, scaler, EMA and RNG states come from last.pt.
-SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exits cleanly.
+SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exits cleanly. The loaders live for the
+run (`feed.py`); each epoch's record says where its wall time went (`ledger.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +26,27 @@ import torch.distributed as dist
 
 from cxr_fast.calibration import fit_calibration
 from cxr_fast.config import RunConfig, dump_yaml
-from cxr_fast.data.loader import LoaderSpec, create_loader
 from cxr_fast.data.reader import load_manifest
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
                                           stored_config, training_payload)
 from cxr_fast.training.compiled import compiled_graphs, resolve_compile
-from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch
+from cxr_fast.training.engine import (EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch,
+                                     unwrap)
+from cxr_fast.training.feed import RunLoaders
+from cxr_fast.training.flops import device_peak, training_flops_per_image
+from cxr_fast.training.ledger import EpochLedger
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.memory import resolve_batch
 from cxr_fast.training.monitor import RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
-from cxr_fast.training.setup import (EVAL_BATCH_FACTOR, Env, build_model, build_state, check_classes, check_splits,
-                                     epoch_sides, loader_seed, plan_epochs, setup_distributed, validated_epochs)
+from cxr_fast.training.setup import (Env, build_model, build_state, check_classes, check_splits, epoch_sides,
+                                     plan_epochs, setup_distributed, validated_epochs)
 
 log = logging.getLogger(__name__)
-# Optimizer steps at a new input side (a run's first, each change of side) left out of train_images_per_second:
-# cuDNN's autotuning and torch.compile run in the first micro-batches at a shape.
+# Optimizer steps of every epoch left out of its timed window: the loader's start, and at a new side cuDNN's
+# autotuning and torch.compile, happen there; the window opens after them with a device sync.
 WARMUP_STEPS = 1
 
 
@@ -99,8 +104,9 @@ class Run:
             images_per_step = config.optim.batch_size * config.optim.accum * env.world_size
             self.state.on_step = lambda step, loss, lr: self.monitor.step(step, loss, lr, images_per_step)
         self.stop = _StopFlag(config.max_steps, self.state, env)
-        self.warm_side: int | None = None  # the input side this process has trained at (autotuned, compiled)
         self.sides = epoch_sides(config)
+        self.loaders, self.ledger = RunLoaders(shards_dir, config, env), EpochLedger()
+        self.flops = self._flops(model)
         self.validated = validated_epochs(config.optim.epochs, config.val_every)
         self.last_val = resumed.get("val") if resumed is not None else None  # the record `chosen` came from
         if resumed is not None:
@@ -133,22 +139,15 @@ class Run:
                             best)
 
     def train_epoch(self) -> EpochStats | None:
-        """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop).
-
-        Each epoch gets a loader of its own, seeded by (seed, epoch, rank): that seed is what lets a resumed epoch
-        replay the same batches. Building one costs about 2 s (the DALI pipeline, on an H200), against minutes for
-        an epoch of ChestX-ray14; `bench loader` keeps one loader across epochs to measure the steady state."""
-        config, env, state = self.config, self.env, self.state
-        side = self.sides[state.epoch]
-        loader = create_loader(LoaderSpec(
-            self.shards_dir, "train", config.data, batch_size=config.optim.batch_size, train=True,
-            loader=config.loader, device=env.device, seed=loader_seed(config.seed, state.epoch, env.rank),
-            rank=env.rank, world_size=env.world_size, side=side))
-        warmup = 0 if side == self.warm_side else WARMUP_STEPS
-        self.warm_side = side
+        """Train the rest of the current epoch; None when the loader failed after SIGTERM (a stop). The loader is the
+        run's (`feed.RunLoaders`), seeded for this epoch; once trained, the next epoch's is prepared."""
+        state, epoch = self.state, self.state.epoch
+        self.ledger.begin()
+        loader, waited = self.loaders.train(epoch, self.sides[epoch])
+        self.ledger.add("loader_build", waited)
         try:
-            return train_one_epoch(state, loader, self.plan.batches_per_epoch, self.stop.local, self.show_progress,
-                                   warmup)
+            stats = train_one_epoch(state, loader, self.plan.batches_per_epoch, self.stop.local, self.show_progress,
+                                    WARMUP_STEPS)
         except NonFiniteLoss as error:
             # The weights are those of the last good optimizer step; resuming replays the current one.
             state.batch_in_epoch -= state.batch_in_epoch % state.accum
@@ -160,18 +159,18 @@ class Run:
             # Preemption can reach the loader's workers too: stop at the last optimizer step, as for SIGTERM alone.
             log.warning("the loader failed after SIGTERM (%s); stopping at step %d", type(error).__name__, state.step)
             return None
-        finally:
-            del loader
+        for part, seconds in (("loader_start", stats.loader_start_seconds), ("warmup", stats.warmup_seconds),
+                              ("timed", stats.timed_seconds)):
+            self.ledger.add(part, seconds)
+        if not stats.stopped and epoch + 1 < len(self.sides):
+            self.loaders.prepare(epoch + 1, self.sides[epoch + 1])
+        return stats
 
     def validate(self) -> dict:
         """Metrics of the validation split (every sample once across ranks); sets `self.chosen`: the per-class
         thresholds of the three operating points and the calibration, all fitted on these predictions."""
-        config, env = self.config, self.env
-        loader = create_loader(LoaderSpec(
-            self.shards_dir, "val", config.data, batch_size=config.optim.batch_size * EVAL_BATCH_FACTOR,
-            loader=config.loader, device=env.device, rank=env.rank, world_size=env.world_size))
         model = self.state.ema.module if self.state.ema is not None else self.state.model
-        result = evaluate(model, loader, self.loss_fn, self.state.amp_dtype, self.show_progress)
+        result = evaluate(model, self.loaders.val(), self.loss_fn, self.state.amp_dtype, self.show_progress)
         targets, probs = result["targets"], result["probs"]
         auc, per_class = macro_auc(targets, probs)
         points = operating_points(targets, probs)
@@ -188,7 +187,8 @@ class Run:
         history, state = self.state.history, self.state
         record = {"epoch": state.epoch + 1, "train_loss": history["loss_sum"] / max(1, history["loss_count"])}
         if state.epoch + 1 in self.validated:
-            record |= self.validate()
+            with self.ledger.timing("validation"):
+                record |= self.validate()
         state.epoch += 1
         state.batch_in_epoch = 0
         record |= {"step": state.step, "lr": float(state.scheduler.get_last_lr()[0]),
@@ -198,24 +198,41 @@ class Run:
         improved = "val_macro_auc" in record and record["val_macro_auc"] > self.best_auc
         if "val_macro_auc" in record:
             self.best_auc, self.last_val = max(self.best_auc, record["val_macro_auc"]), record
+        with self.ledger.timing("checkpoint"):
+            self.save(best=improved)
+        record |= self.ledger.close()  # written after the checkpoints, so that it holds their time
         if self.env.is_main:
             self.monitor.epoch(record)
             validation = (f", val loss {record['val_loss']:.4f}, val macro AUC {record['val_macro_auc']:.4f}"
                           f"{' (best)' if improved else ''}") if "val_macro_auc" in record else " (not validated)"
-            log.info("epoch %d at %d px: train loss %.4f%s", state.epoch, record["image_side"], record["train_loss"],
-                     validation)
-        self.save(best=improved)
+            log.info("epoch %d at %d px: train loss %.4f%s (%.1f s)", state.epoch, record["image_side"],
+                     record["train_loss"], validation, record["epoch_seconds"])
         return record
 
+    def _flops(self, model) -> dict[int, float]:
+        """Training FLOPs per image at each side of the schedule, where the device's peak is known (MFU's parts);
+        counted on the plain model with the RNG put back, so the run trains as it would without them."""
+        if device_peak(self.env.device)[1] is None:
+            return {}
+        with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
+            return {side: training_flops_per_image(unwrap(model), self.config.data.in_chans, side,
+                                                    self.env.device)["flops_per_image"] for side in set(self.sides)}
+
     def _speed(self, stats: EpochStats | None) -> dict:
-        """The epoch's speed fields of metrics.jsonl (None where its training was done before a resume)."""
+        """The epoch's speed fields of metrics.jsonl (None where its training was done before a resume): the rate
+        with the timed images, seconds and steps it comes from, the data wait, compilation and MFU."""
         if stats is None:
             return {"train_images_per_second": None, "data_wait_fraction": None, "warmup_steps": None}
         compiled = resolve_compile(self.config.model, self.env.device)
-        return {"train_images_per_second": stats.images_per_second, "data_wait_fraction": stats.data_wait_fraction,
-                "warmup_steps": stats.warmup_steps,
-                "compile_seconds": stats.warmup_overhead_seconds if compiled and stats.warmup_steps else None,
-                "compiled_graphs": compiled_graphs() if compiled else None}
+        _gpu, peak = device_peak(self.env.device)
+        flops = self.flops.get(self.sides[self.state.epoch - 1])
+        rate = stats.images_per_second
+        return {"train_images_per_second": rate, "data_wait_fraction": stats.data_wait_fraction,
+                "timed_images": stats.timed_images, "timed_seconds": stats.timed_seconds,
+                "timed_steps": stats.timed_steps, "warmup_steps": stats.warmup_steps, "train_images": stats.images,
+                "compile_seconds": stats.warmup_overhead_seconds if compiled else None,
+                "compiled_graphs": compiled_graphs() if compiled else None,
+                "mfu": rate * flops / (peak * self.env.world_size) if flops and peak else None}
 
     def stopped(self) -> dict:
         self.save()
@@ -253,6 +270,7 @@ def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path,
     With resume (True, or a dict of changes: dotted config paths → values, the flags given), the run's config comes
     from last.pt and `config` is not used; the changes may change what `resume.RESUMABLE` lists, and any other change is
     an error."""
+    started = time.perf_counter()
     changes = resume if isinstance(resume, dict) else {}
     out_dir = Path(out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -267,12 +285,15 @@ def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path,
         previous_handler = run = None
         try:
             run = Run(config, Path(shards_dir), out_dir, env, resumed, show_progress)
+            run.ledger.mark = started  # the first epoch's `start` counts the whole set-up
             run.start(replaced)
             previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
             return run.loop()
         finally:
-            if run is not None and run.monitor is not None:
-                run.monitor.close()
+            if run is not None:
+                run.loaders.close()
+                if run.monitor is not None:
+                    run.monitor.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             if env.distributed and dist.is_initialized():

@@ -15,6 +15,7 @@ from cxr_fast.config import RunConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.compiled import compile_model
 from cxr_fast.training.engine import TrainState, resolve_amp, resolve_device, warmup_cosine
+from cxr_fast.training.losses import FocalLoss
 from cxr_fast.training.model import create_model
 from cxr_fast.training.resolution import side_schedule
 
@@ -161,3 +162,16 @@ def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module,
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
                       config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, plan.classes, ema)
+
+
+def build_trainer(config: RunConfig, device: torch.device, classes: tuple[str, ...], train_images: int):
+    """(TrainState, model) for one process as `cxr-fast train` builds them, for the measurements (`bench train`,
+    `bench recipe`, the GPU probe): the model (compiled where the run would be, one graph per side of its schedule),
+    fused AdamW on CUDA, cuDNN's autotuning as set, the run's schedule over `train_images` an epoch, the scaler and
+    the focal loss over `classes`."""
+    env = Env(0, 1, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    model, ema = build_model(config, env, None, len(classes))
+    plan = plan_epochs(config, {"classes": list(classes), "splits": {"train": {"images": train_images}}}, 1)
+    return build_state(config, plan, env, model, ema, FocalLoss(config.optim.focal_gamma)), model

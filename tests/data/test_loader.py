@@ -137,6 +137,35 @@ def test_augmentation_changes_images_but_not_eval(synth_shards, loader_name):
     assert np.mean(changed) > 0.5
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_torch_loader_kept_across_epochs_reseeds_like_a_new_one(synth_shards, workers):
+    """The run keeps one DataLoader (and its workers) for every epoch: re-seeded, it yields what a loader built with
+    that seed yields, every sample once."""
+    def spec(seed):
+        return LoaderSpec(synth_shards, "train", replace(SMALL, image_size=32, workers=workers), batch_size=8,
+                          train=True, seed=seed, loader="torch")
+
+    kept = create_loader(spec(1))
+    first, _ = _collect(kept)
+    kept.reseed(2)
+    second, _ = _collect(kept)
+    fresh, _ = _collect(create_loader(spec(2)))
+    assert list(second) == list(fresh) and all(np.array_equal(second[k], fresh[k]) for k in fresh)
+    assert sorted(first) == sorted(second) == sorted(_labels_from_json(synth_shards, "train"))
+    assert list(first) != list(second) or any(not np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_forever_leaves_out_the_short_last_batch():
+    from cxr_fast.bench.loader import Forever
+
+    class Epochs:
+        def __iter__(self):
+            yield from (type("B", (), {"keys": list(range(n))})() for n in (8, 8, 3))
+
+    stream = iter(Forever(Epochs(), full_batches=True))
+    assert [len(next(stream).keys) for _ in range(5)] == [8] * 5
+
+
 # (split, batch size, ranks, train): batch sizes that do not divide the per-rank counts, ranks with unequal shares.
 EXACTNESS_CASES = [("train", 5, 2, True), ("train", 8, 3, False), ("val", 4, 2, True), ("test", 3, 3, True),
                    ("test", 7, 1, False), ("val", 64, 2, False)]

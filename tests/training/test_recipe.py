@@ -78,6 +78,8 @@ def test_compiled_run_trains_resumes_exactly_and_saves_plain_weights(synth_shard
     whole = run_training(config, synth_shards, tmp_path / "whole", show_progress=False)
     record = _records(tmp_path / "whole")[0]
     assert record["compile_seconds"] > 0 and record["compiled_graphs"] >= 1 and record["train_loss"] > 0
+    # The cache is the folder named, not torch's temp folder (importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR).
+    assert sum(1 for p in (tmp_path / "cache").rglob("*") if p.is_file()) > 0
     run_training(replace(config, max_steps=3), synth_shards, tmp_path / "parts", show_progress=False)
     resumed = run_training(config, synth_shards, tmp_path / "parts", resume=True, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
@@ -122,32 +124,52 @@ def test_one_training_loop():
     assert stepping == {"cxr_fast/training/engine.py"}
 
 
-def test_bench_recipe_writes_its_projection(tmp_path):
+def test_bench_recipe_projection_adds_up_from_its_own_terms(tmp_path):
+    """Every term of the projection recomputed from the JSON's own measurements: training images and validation
+    images apart, compilation per side and for evaluation, loader builds, a checkpoint per epoch, start-up; more GPUs
+    divide the per-image terms only."""
     out = tmp_path / "recipe.json"
     result = CliRunner().invoke(cli, ["bench", "recipe", "--model", "convnext_atto", "--image-size", "64",
                                       "--progressive", "32", "--epochs", "6", "--batch-size", "4",
                                       "--effective-batch", "8", "--steps", "2", "--warmup", "1", "--eval-batches",
                                       "2", "--images", "200", "--val-images", "40", "--val-every", "2", "--gpus",
-                                      "8", "--json", str(out)])
+                                      "8", "--loader-build-seconds", "1.5", "--json", str(out)])
     assert result.exit_code == 0, result.output
     recipe = json.loads(out.read_text())
     assert recipe["schedule"] == [32, 32, 32, 64, 64, 64] and [r["side"] for r in recipe["sides"]] == [32, 64]
     for row in recipe["sides"]:
         assert row["images"] == 2 * 8 and row["steps"] == 2 and row["warmup_steps"] == 1
         assert row["images_per_second"] == pytest.approx(row["images"] / row["seconds"])
-    progressive, fixed = recipe["projection"]["progressive"], recipe["projection"]["fixed"]
     rate = {r["side"]: r["images_per_second"] for r in recipe["sides"]}
-    assert progressive["train_seconds"] == pytest.approx(3 * 200 / rate[32] + 3 * 200 / rate[64])
-    assert fixed["train_seconds"] == pytest.approx(6 * 200 / rate[64])
-    assert progressive["validation_seconds"] == pytest.approx(4 * 40 / recipe["evaluation"]["images_per_second"])
-    assert recipe["loader_images_per_second_all_gpus"] == pytest.approx(8 * max(rate.values()))
+    compile_seconds = {r["side"]: r["compile_seconds"] for r in recipe["sides"]}
+    evaluation = recipe["evaluation"]
+    assert evaluation["images"] == 2 * 8 and evaluation["compile_seconds"] >= 0
+    for name, sides in (("progressive", [32] * 3 + [64] * 3), ("fixed", [64] * 6)):
+        p = recipe["projection"][name]
+        assert p["train_seconds"] == pytest.approx(sum(200 / rate[s] for s in sides))
+        assert p["validation_seconds"] == pytest.approx(4 * 40 / evaluation["images_per_second"])
+        assert p["compile_seconds"] == pytest.approx(sum(compile_seconds[s] for s in set(sides))
+                                                     + evaluation["compile_seconds"])
+        assert p["loader_build_seconds"] == pytest.approx((len(set(sides)) + 1) * 1.5)
+        assert p["checkpoint_seconds"] == pytest.approx(6 * recipe["checkpoint_seconds"]) and p["checkpoint_seconds"] > 0
+        assert p["startup_seconds"] == recipe["startup_seconds"] > 0
+        terms = [p[k] for k in ("startup_seconds", "train_seconds", "validation_seconds", "compile_seconds",
+                                "loader_build_seconds", "checkpoint_seconds")]
+        assert p["total_seconds"] == pytest.approx(sum(terms))
+        assert p["total_seconds_gpus"] == pytest.approx(sum(terms) - 7 / 8 * (p["train_seconds"] +
+                                                                               p["validation_seconds"]))
+    assert recipe["scaled_by_gpus"] == ["train_seconds", "validation_seconds"]
+    assert recipe["loader_images_per_second_per_gpu"] == pytest.approx(max(rate.values()))
 
 
-def test_unmeasured_sides_are_fitted_from_the_measured_ones():
+def test_unmeasured_sides_are_fitted_from_two_or_more_measured_ones():
     from cxr_fast.bench.recipe import estimate_side, measured_sides
+    from cxr_fast.config import BenchRecipeConfig, ConfigError
 
     assert measured_sides([256, 288, 320, 352, 384, 512, 512], 3) == [256, 320, 512]
-    assert measured_sides([256, 512], 0) == [256, 512] and measured_sides([256, 384, 512], 1) == [512]
+    assert measured_sides([256, 512], 0) == [256, 512] and measured_sides([256, 384, 512], 2) == [256, 512]
+    with pytest.raises(ConfigError, match="--measure-sides\) 1 cannot separate"):
+        BenchRecipeConfig(measure_sides=1)
     # Seconds per image 1e-3 + 1e-8 x side^2 at the measured sides: the fit gives it back in between.
     rows = {s: {"images_per_second": 1 / (1e-3 + 1e-8 * s * s), "compile_seconds": 10.0} for s in (256, 512)}
     estimate = estimate_side(rows, 384)

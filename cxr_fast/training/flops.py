@@ -1,6 +1,9 @@
-"""Training FLOPs per image, with the grouped-convolution backward counted right: the numerator of MFU."""
+"""MFU's two sides: training FLOPs per image (the grouped-convolution backward counted right) and the device's dense
+bf16 peak."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
@@ -35,3 +38,25 @@ def training_flops_per_image(model: torch.nn.Module, in_chans: int, image_size: 
     forward, backward = counts["corrected"]
     return {"forward_flops_per_image": forward, "flops_per_image": forward + backward,
             "torch_counted_flops_per_image": sum(counts["torch"])}
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by the device name torch reports, most specific first: the
+# PCIe and NVL parts of the H100/H200 run at lower clocks and power than the SXM ones ("NVIDIA H100 80GB HBM3").
+PEAK_TFLOPS = (
+    (r"H100 PCIe", 756.0), (r"H100 NVL", 835.0), (r"H200 NVL", 835.0), (r"H100", 989.4), (r"H200", 989.4),
+    (r"GH200", 989.4), (r"A100", 312.0), (r"L40S", 362.0), (r"L4\b", 121.0), (r"A10\b", 125.0),
+)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """The dense bf16 peak of a GPU by its full name, or None where it is not listed (give --peak-tflops)."""
+    if not device_name:
+        return None
+    return next((peak for pattern, peak in PEAK_TFLOPS if re.search(pattern, device_name)), None)
+
+
+def device_peak(device: torch.device, override_tflops: float | None = None) -> tuple[str | None, float | None]:
+    """(GPU name, peak FLOP/s): the override where given, else the table's value for this GPU; None on the CPU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = override_tflops if override_tflops else peak_tflops(name)
+    return name, peak * 1e12 if peak else None
