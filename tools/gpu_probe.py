@@ -206,10 +206,11 @@ def _files(folder: Path) -> int:
 
 
 def plan(parts: list[str]) -> str:
-    """The estimate per part and in all, printed before anything runs."""
+    """The estimate per part and in all, and of each call, printed before anything runs."""
     rows = [f"  {name:<9} {ESTIMATES[name]:>4} s" for name in parts]
+    calls = ", ".join(f"call {call} {sum(ESTIMATES[p] for p in names)} s" for call, names in CALLS.items())
     return "\n".join(["GPU estimate (one H200):", *rows, f"  {'total':<9} {sum(ESTIMATES[n] for n in parts):>4} s "
-                      f"of {CALL_SECONDS} s"])
+                      f"({calls}; at most {CALL_SECONDS} s a call)"])
 
 
 def run_parts(probe: Probe, parts: list[str], rehearse: bool) -> None:

@@ -172,6 +172,7 @@ def build_trainer(config: RunConfig, device: torch.device, classes: tuple[str, .
     env = Env(0, 1, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    torch.manual_seed(config.seed)  # the run's initial weights: settings compared in two processes start alike
     model, ema = build_model(config, env, None, len(classes))
     plan = plan_epochs(config, {"classes": list(classes), "splits": {"train": {"images": train_images}}}, 1)
     return build_state(config, plan, env, model, ema, FocalLoss(config.optim.focal_gamma)), model
