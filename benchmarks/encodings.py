@@ -23,9 +23,9 @@ import torch
 from cxr_fast.bench.loader import bench_decode, bench_loader
 from cxr_fast.bench.machine import machine
 from cxr_fast.config import BenchLoaderConfig, DataConfig, ShardConfig
-from cxr_fast.data.loader import LoaderSpec, create_loader
-from cxr_fast.data.reader import load_manifest
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
+from cxr_fast.data.shards.manifest import load_manifest
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

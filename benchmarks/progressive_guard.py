@@ -17,7 +17,7 @@ from pathlib import Path
 from cxr_fast.bench.machine import machine
 from cxr_fast.config import RunConfig, ShardConfig, SynthConfig, replace
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.training.resolution import flops_ratio, side_schedule
 from cxr_fast.training.run import run_training
 

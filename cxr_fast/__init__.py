@@ -12,9 +12,9 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "DataConfig": "cxr_fast.config",
     "RunConfig": "cxr_fast.config",
-    "LoaderSpec": "cxr_fast.data.loader",
+    "LoaderSpec": "cxr_fast.data.loaders.loader",
     "Predictor": "cxr_fast.evaluation.predictor",
-    "create_loader": "cxr_fast.data.loader",
+    "create_loader": "cxr_fast.data.loaders.loader",
     "create_model": "cxr_fast.training.model",
     "load_model": "cxr_fast.training.checkpoint",
 }

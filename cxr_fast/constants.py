@@ -4,12 +4,6 @@ facts, its classes and columns, live in its description: `data/datasets/`).
 Everything here is a constant with a reason; anything a user may change lives in `config.py`.
 """
 
-# Gray-level normalisation. The model's stem is ImageNet-pretrained; timm folds a 3-channel stem into one channel by
-# summing its weights, which matches feeding the same gray value to R, G and B. The matching statistics are the
-# means of ImageNet's per-channel mean and std (0.485/0.456/0.406 and 0.229/0.224/0.225), on the 0-255 scale.
-GRAY_MEAN = 0.449 * 255.0
-GRAY_STD = 0.226 * 255.0
-
 # The seed's input size: 512 keeps small findings (nodules of a few mm) visible where 224 loses them, and
 # ConvNeXt-Large at 512 with batch 4 still fits a 40 GB card.
 IMAGE_SIZE = 512

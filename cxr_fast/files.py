@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -82,3 +83,11 @@ def atomic_write(path: Path, write) -> None:
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise CxrFastError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

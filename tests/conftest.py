@@ -32,7 +32,7 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_dir, tmp_path_factory) -> Path:
     from cxr_fast.config import ShardConfig
-    from cxr_fast.data.writer import ShardInput, write_shards
+    from cxr_fast.data.shards.writer import ShardInput, write_shards
 
     out = tmp_path_factory.mktemp("synth_shards")
     write_shards(ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"),
@@ -45,7 +45,7 @@ def real_shards(tmp_path_factory) -> Path:
     if not REAL_IMAGES.is_dir():
         pytest.skip("../shared/data (real NIH sample) not present")
     from cxr_fast.config import ShardConfig
-    from cxr_fast.data.writer import ShardInput, write_shards
+    from cxr_fast.data.shards.writer import ShardInput, write_shards
 
     out = tmp_path_factory.mktemp("real_shards")
     write_shards(ShardInput(REAL_IMAGES, REAL_TABLE), ShardConfig(out=str(out), workers=2, shard_size=50))

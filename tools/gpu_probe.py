@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_fast.bench.machine import machine  # noqa: E402
 from cxr_fast.config import ShardConfig, SynthConfig  # noqa: E402
 from cxr_fast.data.synth import write_synthetic_dataset  # noqa: E402
-from cxr_fast.data.writer import ShardInput, write_shards  # noqa: E402
+from cxr_fast.data.shards.writer import ShardInput, write_shards  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 CALL_SECONDS = 510  # a call of 540 s on the device machine, less the DALI bundle's extraction and the imports

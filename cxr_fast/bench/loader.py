@@ -13,10 +13,10 @@ import torch
 
 from cxr_fast.bench.machine import cpu_busy_seconds, machine
 from cxr_fast.config import BenchLoaderConfig, DataConfig
-from cxr_fast.data.loader import LoaderSpec, create_loader, resolve_loader
-from cxr_fast.data.reader import load_manifest, split_shards
-from cxr_fast.data.sample import decode_image
-from cxr_fast.data.tario import walk_tar
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader, resolve_loader
+from cxr_fast.data.shards.manifest import load_manifest, split_shards
+from cxr_fast.data.shards.sample import decode_image, image_component
+from cxr_fast.data.shards.tars import walk_tar
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.engine import synchronize
 
@@ -107,7 +107,7 @@ def bench_decode(shards_dir: str | Path, split: str, samples: int = 64) -> dict:
         seconds = time.perf_counter() - started
     finally:
         cv2.setNumThreads(threads)
-    sizes = [len(s.get("png") or s.get("jpg") or s.get("raw")) for s in payloads]
+    sizes = [len(image_component(sample)[1]) for sample in payloads]
     return {"kind": "decode", "images_per_second_per_core": len(payloads) / seconds,
             "decode_bound_images_per_second": len(payloads) / seconds * os.cpu_count(),
             "bytes_per_image": float(np.mean(sizes)), "images": len(payloads), "seconds": seconds,

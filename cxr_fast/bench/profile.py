@@ -18,7 +18,7 @@ import torch
 
 from cxr_fast.config import RunConfig
 from cxr_fast.data.datasets import nih
-from cxr_fast.data.loader import LoaderSpec, SyntheticLoader
+from cxr_fast.data.loaders.loader import LoaderSpec, SyntheticLoader
 from cxr_fast.training.engine import train_one_epoch
 from cxr_fast.training.setup import build_trainer
 

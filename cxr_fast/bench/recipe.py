@@ -24,7 +24,7 @@ import torch
 from cxr_fast.bench.machine import machine
 from cxr_fast.config import BenchRecipeConfig, RunConfig, replace
 from cxr_fast.data.datasets import nih
-from cxr_fast.data.loader import LoaderSpec, SyntheticLoader
+from cxr_fast.data.loaders.loader import LoaderSpec, SyntheticLoader
 from cxr_fast.training.checkpoint import save_checkpoint
 from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import evaluate, synchronize, train_one_epoch, unwrap

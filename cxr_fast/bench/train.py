@@ -12,8 +12,8 @@ from cxr_fast.bench.loader import Forever
 from cxr_fast.bench.machine import machine
 from cxr_fast.config import NIH_TRAIN_IMAGES, BenchTrainConfig, RunConfig, replace
 from cxr_fast.data.datasets import nih
-from cxr_fast.data.loader import LoaderSpec, SyntheticLoader, create_loader
-from cxr_fast.data.reader import load_manifest
+from cxr_fast.data.loaders.loader import LoaderSpec, SyntheticLoader, create_loader
+from cxr_fast.data.shards.manifest import load_manifest
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import train_one_epoch

@@ -10,11 +10,11 @@ import click
 from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
 from cxr_fast.config import DataConfig, PreviewConfig, RunConfig, ShardConfig, SynthConfig
 from cxr_fast.data.datasets import DATASETS, Request, read_dataset
-from cxr_fast.data.eda import write_eda_report
-from cxr_fast.data.preview import write_preview
+from cxr_fast.data.datasets.eda import write_eda_report
+from cxr_fast.data.loaders.preview import write_preview
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)

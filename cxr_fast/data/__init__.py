@@ -1,2 +1,4 @@
-"""The data stage: label table, patient-level split, synthetic data, shards (source images, samples, tar walker, writer, reader,
-verify), the DALI pipeline and the loaders."""
+"""The data stage, in rooms by job: `datasets/` (the data-set descriptions and everything about tables: labels, the
+patient-level split, EDA), `images/` (reading a source image), `shards/` (samples, tars, the manifest, the writer,
+verify), `loaders/` (DALI and the OpenCV/torch baseline, transforms, preview) and `synth/` (synthetic data in any
+layout)."""

@@ -21,14 +21,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration
 from cxr_fast.config import AnalyzeConfig, DataConfig
 from cxr_fast.data.datasets.nih import BOX_SPACE as NIH_BOX_SPACE
 from cxr_fast.data.datasets.nih import read_boxes
-from cxr_fast.data.loader import LoaderSpec, create_loader, resolve_loader
-from cxr_fast.data.reader import load_manifest, sample_table
-from cxr_fast.data.transforms import normalize
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader, resolve_loader
+from cxr_fast.data.shards.manifest import load_manifest, sample_table
+from cxr_fast.data.images.preprocess import Preprocessing, gray8_from_input
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import claim_output, folder_lock, make_folder
 from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
@@ -73,7 +72,7 @@ class ErrorCollector:
             if key in self.box_keys:
                 wanted.add(row)
         for row in wanted:
-            self.images[batch.keys[row]] = _to_uint8(batch.images[row])
+            self.images[batch.keys[row]] = gray8_from_input(batch.images[row])
 
     def errors(self) -> dict:
         """{fp|fn: {class: [(key, probability), ...]}}, most confident first; prunes images no longer needed."""
@@ -82,12 +81,6 @@ class ErrorCollector:
         keep = {key for per_class in chosen.values() for rows in per_class.values() for key, _ in rows}
         self.images = {k: v for k, v in self.images.items() if k in keep or k in self.box_keys}
         return chosen
-
-
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """The gray uint8 image back from a normalised model input (exact: normalisation is affine on integers)."""
-    gray = image[0].float() * C.GRAY_STD + C.GRAY_MEAN
-    return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 @dataclass
@@ -238,7 +231,7 @@ def _explain(scored: ScoredSplit, collector: ErrorCollector, boxes: pd.DataFrame
 
 def model_input(gray: np.ndarray, data: DataConfig, device: torch.device) -> torch.Tensor:
     """The normalised model input of a processed uint8 image, as the loader made it."""
-    return normalize(torch.from_numpy(gray)[None, None].to(device), data.in_chans)
+    return Preprocessing.of(data).normalize(torch.from_numpy(gray)[None, None].to(device))
 
 
 def _cam(explainer: CamExplainer, scored: ScoredSplit, gray: np.ndarray, class_index: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration, expected_calibration_error, reliability
-from cxr_fast.data.labels import age_band
+from cxr_fast.data.datasets.labels import age_band
 from cxr_fast.metrics import bootstrap_auc_intervals, confusion_stats, roc_auc
 
 # Below these counts a group's rates rest on too few images to compare: shown, marked small, left out of gaps.

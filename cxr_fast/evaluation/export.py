@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from cxr_fast import __version__
-from cxr_fast import constants as C
-from cxr_fast.data.transforms import normalize
+from cxr_fast.data.images.preprocess import Preprocessing
 from cxr_fast.config import DataConfig
-from cxr_fast.data.tario import sha256_file
+from cxr_fast.files import sha256_file
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import atomic_json, claim_output, folder_lock, make_folder
 from cxr_fast.training.checkpoint import check_thresholds, load_model
@@ -96,13 +95,7 @@ def _export(checkpoint: str | Path, out: Path) -> dict:
                                                                                  data.image_size, data.image_size],
                                                         "dtype": "float32"},
             "output": {"name": "logits", "shape": ["batch", len(info.classes)], "activation": "sigmoid"},
-            "preprocessing": {"gray": "8-bit gray (DICOM: modality LUT, VOI window, MONOCHROME1 inverted)",
-                              "fit": data.fit, "fit_rule": "pad: centred on a black square as wide as the longer "
-                              "side; squash: resized as it is",
-                              "resize": "OpenCV INTER_AREA to image_size x image_size", "image_size": data.image_size,
-                              "clahe_clip_limit": data.clahe_clip_limit, "clahe_tiles": data.clahe_tiles,
-                              "normalise": "(x - gray_mean) / gray_std", "gray_mean": C.GRAY_MEAN,
-                              "gray_std": C.GRAY_STD, "in_chans": data.in_chans},
+            "preprocessing": Preprocessing.of(data).describe(),
             "opset": OPSET, "parity_max_abs_difference": difference, "parity_tolerance": TOLERANCE}
     atomic_json(out / "model.json", meta)
     log.info("exported %s (probabilities within %.1e of PyTorch)", out / "model.onnx", difference)

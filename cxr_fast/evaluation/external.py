@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr_fast.config import AnalyzeConfig
 from cxr_fast.data.datasets import Request, SampleTable, read_dataset
-from cxr_fast.data.split import split_summary
+from cxr_fast.data.datasets.split import split_summary
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import OWN_FILES, ScoredSplit, clinical_sections
 from cxr_fast.evaluation.report import plot_curves, write_analysis_report

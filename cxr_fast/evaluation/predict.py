@@ -22,9 +22,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr_fast.config import PredictConfig
-from cxr_fast.data.source import image_files
+from cxr_fast.data.images.source import image_files
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.transforms import map_to_source
+from cxr_fast.data.loaders.transforms import map_to_source
 from cxr_fast.evaluation.report import NONE_CALLED, file_stem
 from cxr_fast.evaluation.cam import CamExplainer, overlay
 from cxr_fast.evaluation.predictor import Predictor, Prepared

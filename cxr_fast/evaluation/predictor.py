@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration
 from cxr_fast.config import DataConfig, PredictConfig
-from cxr_fast.data.dicom import identifiers, render
-from cxr_fast.data.source import gray_range_warning, read_gray, to_gray8
-from cxr_fast.data.transforms import normalize, process_gray
+from cxr_fast.data.images.dicom import identifiers, render
+from cxr_fast.data.images.source import gray_range_warning, read_gray, to_gray8
+from cxr_fast.data.images.preprocess import Preprocessing
+from cxr_fast.data.loaders.transforms import process_gray
 from cxr_fast.errors import BadInput, CxrFastError
 from cxr_fast.evaluation.export import read_metadata
 from cxr_fast.training.checkpoint import load_model
@@ -128,7 +128,7 @@ class Predictor:
     def tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         """Processed uint8 images → the normalised model input on the model's device."""
         batch = torch.from_numpy(np.stack(images)[:, None]).to(self.device)
-        return normalize(batch, self.data.in_chans)
+        return Preprocessing.of(self.data).normalize(batch)
 
     def probabilities(self, inputs: torch.Tensor) -> np.ndarray:
         """Sigmoid outputs (N, classes) of normalised inputs; an input that was not preprocessed is refused."""
@@ -136,9 +136,9 @@ class Predictor:
         if inputs.ndim != 4 or tuple(inputs.shape[1:]) != (chans, side, side) or not inputs.is_floating_point():
             raise CxrFastError(f"a model input must be a float tensor N x {chans} x {side} x {side} (preprocessed: "
                                f"Predictor.prepare), got {tuple(inputs.shape)} {inputs.dtype}")
-        low, high = (0 - C.GRAY_MEAN) / C.GRAY_STD - 1e-3, (255 - C.GRAY_MEAN) / C.GRAY_STD + 1e-3
+        low, high = Preprocessing.of(self.data).input_range()
         if float(inputs.min()) < low or float(inputs.max()) > high:
-            raise CxrFastError(f"model input values must lie in [{low:.3f}, {high:.3f}] (gray 0-255 normalised); got "
+            raise CxrFastError(f"model input values must lie in [{low:.3f}, {high:.3f}] (8-bit gray normalised); got "
                                f"[{float(inputs.min()):.3f}, {float(inputs.max()):.3f}]: not preprocessed")
         return 1.0 / (1.0 + np.exp(-self.model.logits(inputs).astype(np.float64)))
 

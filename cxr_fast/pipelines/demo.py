@@ -15,10 +15,10 @@ from cxr_fast.bench.loader import bench_loader
 from cxr_fast.bench.machine import write_json
 from cxr_fast.config import (AnalyzeConfig, BenchLoaderConfig, DemoConfig, RunConfig, ShardConfig, SynthConfig,
                              replace)
-from cxr_fast.data.eda import write_eda_report
+from cxr_fast.data.datasets.eda import write_eda_report
 from cxr_fast.data.datasets import Request, read_dataset
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import run_analysis
 from cxr_fast.training.run import run_training

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_fast.config import RunConfig
-from cxr_fast.data.loader import LoaderSpec, create_loader
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
 from cxr_fast.training.setup import EVAL_BATCH_FACTOR, Env, loader_seed
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from cxr_fast.calibration import fit_calibration
 from cxr_fast.config import RunConfig, dump_yaml
-from cxr_fast.data.reader import load_manifest
+from cxr_fast.data.shards.manifest import load_manifest
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,

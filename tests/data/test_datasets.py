@@ -16,11 +16,11 @@ import pytest
 from cxr_fast.config import DataConfig, ShardConfig, SynthConfig, load_yaml
 from cxr_fast.data.datasets import chexpert, mimic, nih
 from cxr_fast.data.datasets.base import apply_policies
-from cxr_fast.data.loader import LoaderSpec, create_loader
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
 from cxr_fast.data.synth import write_synthetic_dataset
-from cxr_fast.data.verify import verify
-from cxr_fast.data.transforms import map_to_source, pad_to_square, process_gray
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.loaders.transforms import map_to_source, pad_to_square, process_gray
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 
 

@@ -14,9 +14,9 @@ from conftest import needs_real_data
 from cxr_fast.cli import cli
 from cxr_fast.config import DataConfig
 from cxr_fast.errors import CxrFastError
-from cxr_fast.data.loader import LoaderSpec, create_loader, rank_range
-from cxr_fast.data.reader import load_manifest, split_shards
-from cxr_fast.data.tario import walk_tar
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader, rank_range
+from cxr_fast.data.shards.manifest import load_manifest, split_shards
+from cxr_fast.data.shards.tars import walk_tar
 
 LOADER_NAMES = ["dali", "torch"]
 SMALL = DataConfig(image_size=128)
@@ -202,7 +202,7 @@ def test_damaged_shard_error_names_the_shard(synth_shards, tmp_path, loader_name
 
 
 def test_missing_dali_gives_an_install_hint(monkeypatch):
-    from cxr_fast.data.dali import import_dali
+    from cxr_fast.data.loaders.dali import import_dali
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(CxrFastError, match=r"pip install nvidia-dali-cuda120` \(CUDA 12\) or `nvidia-dali-cuda130`"):

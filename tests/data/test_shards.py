@@ -15,12 +15,12 @@ from cxr_fast.data.datasets.nih import parse_finding_labels, read_label_table
 from dataclasses import replace
 
 from cxr_fast.config import ShardConfig
-from cxr_fast.data.sample import decode_id, decode_image
-from cxr_fast.data.reader import MANIFEST, load_manifest
-from cxr_fast.data.tario import dali_index
-from cxr_fast.data.verify import verify
-from cxr_fast.data.shard_folder import PROGRESS
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.sample import decode_id, decode_image
+from cxr_fast.data.shards.manifest import MANIFEST, load_manifest
+from cxr_fast.data.shards.tars import dali_index
+from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.shards.folder import PROGRESS
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 
 
 def _source_gray(image_index):

@@ -7,7 +7,7 @@ from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
 from cxr_fast.data.datasets.nih import read_label_table
-from cxr_fast.data.split import check_patient_disjoint, plan_split, split_summary
+from cxr_fast.data.datasets.split import check_patient_disjoint, plan_split, split_summary
 
 
 @needs_real_data

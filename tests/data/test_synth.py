@@ -29,7 +29,7 @@ def test_split_lists_are_patient_disjoint(synth_dir):
 
 def test_labels_follow_the_real_prevalence_order():
     from cxr_fast.config import SynthConfig
-    from cxr_fast.data.synth import draw_labels
+    from cxr_fast.data.synth.painter import draw_labels
 
     labels = draw_labels(SynthConfig(n_images=4000), np.random.default_rng(0))
     prevalence = labels.mean(axis=0)
@@ -39,7 +39,7 @@ def test_labels_follow_the_real_prevalence_order():
 
 
 def test_each_finding_changes_the_image():
-    from cxr_fast.data.synth import ChestPainter
+    from cxr_fast.data.synth.painter import ChestPainter
 
     anatomy = {"lung_w": 160, "lung_h": 280}
     normal = ChestPainter(256, np.random.default_rng(0)).paint(np.zeros(14, np.uint8), anatomy).astype(float)

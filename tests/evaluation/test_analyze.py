@@ -9,8 +9,8 @@ from sklearn.metrics import f1_score
 
 from conftest import REAL_BOXES
 from cxr_fast.data.datasets import nih
-from cxr_fast import constants as C
-from cxr_fast.data.loader import Batch
+from cxr_fast.data.images.preprocess import GRAY_MEAN, GRAY_STD
+from cxr_fast.data.loaders.loader import Batch
 from cxr_fast.evaluation.analyze import ErrorCollector, run_analysis
 from cxr_fast.evaluation.cam import CamExplainer, cam_box, iobb, pointing_hit
 from cxr_fast.training.checkpoint import load_checkpoint, save_checkpoint
@@ -54,8 +54,8 @@ def test_thresholds_come_from_validation_not_from_the_reported_split(tiny_run, s
     for c, name in enumerate(nih.CLASSES):
         assert metrics["classes"][name]["threshold"] == pytest.approx(planted[c])
     # F1 at the planted thresholds, recomputed with scikit-learn from predictions.csv and the shard labels.
-    from cxr_fast.data.reader import split_shards
-    from cxr_fast.data.tario import walk_tar
+    from cxr_fast.data.shards.manifest import split_shards
+    from cxr_fast.data.shards.tars import walk_tar
 
     labels = {}
     for tar in split_shards(synth_shards, "test"):
@@ -112,7 +112,7 @@ def test_error_selection_is_the_most_confident_mistakes():
     # Scored in two batches, as a loader delivers them.
     for rows in (slice(0, 3), slice(3, 5)):
         keys = [f"img{i}" for i in range(5)][rows]
-        collector(Batch((images[rows] - C.GRAY_MEAN) / C.GRAY_STD, targets[rows], keys), probs[rows])
+        collector(Batch((images[rows] - GRAY_MEAN) / GRAY_STD, targets[rows], keys), probs[rows])
     errors = collector.errors()
     assert [key for key, _ in errors["fp"]["Atelectasis"]] == ["img3", "img2"]
     assert [key for key, _ in errors["fn"]["Atelectasis"]] == ["img0"]
@@ -133,7 +133,7 @@ def test_bad_inputs_give_clear_messages(tiny_run, synth_shards, tmp_path):
 
 def test_gradcam_inputs_are_the_images_the_model_scored(tiny_run, synth_shards):
     """The collector keeps, from the one scoring pass, the very inputs: scoring them again gives the same numbers."""
-    from cxr_fast.data.loader import LoaderSpec, create_loader
+    from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
     from cxr_fast.evaluation.analyze import model_input
     from cxr_fast.training.checkpoint import load_model
     from cxr_fast.training.engine import evaluate

@@ -16,10 +16,10 @@ from conftest import REAL_TABLE
 from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration, expected_calibration_error, fit_calibration, fit_platt, logit
-from cxr_fast.data.labels import age_band
+from cxr_fast.data.datasets.labels import age_band
 from cxr_fast.data.datasets.nih import read_label_table
-from cxr_fast.data.reader import load_manifest, split_shards
-from cxr_fast.data.tario import walk_tar
+from cxr_fast.data.shards.manifest import load_manifest, split_shards
+from cxr_fast.data.shards.tars import walk_tar
 from cxr_fast.config import AnalyzeConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import run_analysis

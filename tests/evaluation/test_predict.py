@@ -15,7 +15,7 @@ from conftest import REAL_IMAGES, needs_real_data, write_dicom
 from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
-from cxr_fast.data.dicom import read_dicom
+from cxr_fast.data.images.dicom import read_dicom
 
 PROBS = [f"prob_{c}" for c in nih.CLASSES]
 
@@ -106,7 +106,7 @@ def test_a_missing_decoder_is_named():
     from pydicom.uid import JPEG2000
 
     from cxr_fast.errors import BadInput
-    from cxr_fast.data.dicom import _pixels
+    from cxr_fast.data.images.dicom import _pixels
 
     class Compressed:
         file_meta = {"TransferSyntaxUID": JPEG2000}
@@ -145,9 +145,9 @@ def test_cam_overlays_for_positive_findings(tiny_run, synth_dir, tmp_path):
 
 
 def test_shard_accepts_a_folder_of_dicom_files(synth_dir, tmp_path):
-    from cxr_fast.data.reader import load_manifest, split_shards
-    from cxr_fast.data.tario import walk_tar
-    from cxr_fast.data.sample import decode_image
+    from cxr_fast.data.shards.manifest import load_manifest, split_shards
+    from cxr_fast.data.shards.tars import walk_tar
+    from cxr_fast.data.shards.sample import decode_image
 
     table = pd.read_csv(synth_dir / "Data_Entry_2017.csv").head(30)
     folder = tmp_path / "dicom"

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import write_dicom
 from cxr_fast.data.datasets import nih
 from cxr_fast.cli import cli
-from cxr_fast.data.dicom import read_dicom, window
+from cxr_fast.data.images.dicom import read_dicom, window
 from cxr_fast.errors import CxrFastError
 
 PROBS = [f"prob_{c}" for c in nih.CLASSES]
@@ -78,7 +78,7 @@ def test_deep_data_without_a_window_is_rendered_over_the_range_present(gray, tmp
 
 
 def test_a_16_bit_png_holding_12_bit_data_is_windowed_not_cut_to_its_high_byte(gray, tmp_path):
-    from cxr_fast.data.source import read_gray
+    from cxr_fast.data.images.source import read_gray
 
     cv2.imwrite(str(tmp_path / "x.png"), gray.astype(np.uint16) * 16)
     source = read_gray(tmp_path / "x.png")
@@ -153,7 +153,7 @@ def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path):
-    from cxr_fast.data.source import read_gray
+    from cxr_fast.data.images.source import read_gray
 
     image = np.zeros((40, 60), np.uint8)
     image[:10, :] = 255  # bright top band
@@ -236,7 +236,7 @@ def test_model_json_holds_no_machine_path_and_its_operating_points(exported):
 ])
 def test_a_tampered_model_or_model_json_is_an_error_naming_the_field(exported, tmp_path, synth_dir, damage,
                                                                        message):
-    from cxr_fast.data.tario import sha256_file
+    from cxr_fast.files import sha256_file
 
     copy = tmp_path / "onnx"
     shutil.copytree(exported, copy)

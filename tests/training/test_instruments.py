@@ -12,7 +12,7 @@ import torch
 
 from conftest import assert_same_run
 from cxr_fast.config import ModelConfig, RunConfig, replace
-from cxr_fast.data.loader import Batch
+from cxr_fast.data.loaders.loader import Batch
 from cxr_fast.training.run import run_training
 
 TINY = {"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64, "optim.batch_size": 4,

@@ -102,7 +102,7 @@ def test_batch_size_auto_keeps_the_effective_batch():
 
 def test_one_host_sync_per_optimizer_step(synth_shards, monkeypatch):
     """Counts the engine's transfers to the host during an epoch: one per optimizer step."""
-    from cxr_fast.data.loader import LoaderSpec, create_loader
+    from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
     from cxr_fast.training import engine
     from cxr_fast.training.setup import Env, Plan, build_model, build_state
 

@@ -134,7 +134,7 @@ def test_convnext_large_has_the_exact_head_and_runs_at_512():
 @pytest.mark.slow
 def test_two_process_ddp_run_agrees_with_single_process_evaluation(synth_shards, tmp_path):
     from cxr_fast.training.engine import evaluate
-    from cxr_fast.data.loader import LoaderSpec, create_loader
+    from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
     from cxr_fast.training.losses import FocalLoss
     from cxr_fast.metrics import macro_auc
 

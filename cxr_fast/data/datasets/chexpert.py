@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr_fast.data.datasets.base import (Request, SampleTable, apply_policies, check_unique_images, label_values,
                                          read_table, row_numbers)
-from cxr_fast.data.labels import people, unusable_values
+from cxr_fast.data.datasets.labels import people, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "chexpert"

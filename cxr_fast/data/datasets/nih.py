@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.data.datasets.base import Request, SampleTable, check_unique_images, read_table, row_numbers
-from cxr_fast.data.labels import people, read_split_list, unusable_values
+from cxr_fast.data.datasets.labels import people, read_split_list, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "nih"

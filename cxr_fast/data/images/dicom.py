@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_fast.data.headers import image_dimensions, inflated_size_within
+from cxr_fast.data.images.headers import image_dimensions, inflated_size_within
+from cxr_fast.data.images.preprocess import gray8_from_unit, unit_from_gray8
 from cxr_fast.errors import BadInput
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # deflated explicit VR little endian
@@ -192,7 +193,7 @@ def to_unit_range(ds, values: np.ndarray, path: Path) -> np.ndarray:
     unit = _voi(ds, values, path)
     if unit is None:
         if int(ds.get("BitsStored", 8) or 8) <= 8 and not rescaled:
-            unit = values / 255.0
+            unit = unit_from_gray8(values)
         else:
             low, high = float(values.min()), float(values.max())
             unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
@@ -216,7 +217,7 @@ def render(ds, path: Path | str = "dataset", max_pixels: int | None = None) -> n
         values = _pixels(ds, path)
         if values.ndim != 2:
             raise BadInput(path, f"unexpected pixel array shape {values.shape}")
-        return np.rint(to_unit_range(ds, values, path) * 255.0).astype(np.uint8)
+        return gray8_from_unit(to_unit_range(ds, values, path))
     except BadInput:
         raise
     except Exception as error:  # a header value of the wrong type or form, wherever pydicom or we read it

@@ -1,10 +1,6 @@
-"""A synthetic data set, with a visual signal per finding that a small CNN can learn, in the layout of NIH
-ChestX-ray14 (here), CheXpert or MIMIC-CXR-JPG (`synth_layouts.py`, from the same drawn images and labels).
-
-NIH layout written below DIR (as NIH ships it):
-  DIR/Data_Entry_2017.csv            the label table, NIH columns (the only CSV at DIR's top level)
-  DIR/train_val_list.txt, test_list.txt   official-style split lists, patient-disjoint
-  DIR/images_001/images/<patient>_<follow-up>.png   8-bit grayscale PNGs
+"""The synthetic pictures and what is drawn for them: labels with NIH's prevalence order and label counts, patients
+with follow-ups, ages, sexes and views, and a chest painter with a visual signal per finding that a small CNN can learn.
+The layouts (`layouts.py`) write them as NIH, CheXpert or MIMIC-CXR-JPG ship their files.
 
 Images are chest-like (body, two lung fields with texture, heart, ribs, diaphragm, noise). Each finding adds a
 pattern that differs in *appearance*, not only position, because a CNN with global pooling sees appearance best:
@@ -22,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from cxr_fast.config import SynthConfig
@@ -30,9 +25,7 @@ from cxr_fast.data.datasets import nih
 
 log = logging.getLogger(__name__)
 
-LABEL_TABLE_NAME = nih.LABEL_TABLE_NAME
 CLASSES = nih.CLASSES  # the painter's findings
-IMAGES_SUBDIR = "images_001/images"
 # Findings that often come together in the real table (Effusion with Atelectasis or Infiltration, Edema with
 # Effusion, ...): after the first finding of an image, these partners are three times as likely.
 CO_OCCURRING = {
@@ -246,43 +239,3 @@ def paint(paths: list[Path], drawn: Drawn, config: SynthConfig, height: int | No
     with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
         for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
             pass
-
-
-def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
-    """Write the data set below `out` in `config.layout` and return the path of its label table (what `shard`
-    takes as --labels; --images is `out`)."""
-    out = Path(out)
-    rng = np.random.default_rng(config.seed)
-    drawn = draw(config, rng)
-    if config.layout != "nih":
-        from cxr_fast.data.synth_layouts import LAYOUTS  # they build on this module
-        return LAYOUTS[config.layout](out, drawn, config, rng)
-    images_dir = out / IMAGES_SUBDIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-    patients, followups, labels = drawn.patients, drawn.followups, drawn.labels
-    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
-    paint([images_dir / name for name in names], drawn, config)
-    table = pd.DataFrame({
-        nih.COL_IMAGE: names,
-        nih.COL_LABELS: [nih.format_finding_labels(row) for row in labels],
-        nih.COL_FOLLOWUP: followups,
-        nih.COL_PATIENT: patients,
-        nih.COL_AGE: drawn.ages,
-        nih.COL_SEX: drawn.sexes,
-        nih.COL_VIEW: drawn.views,
-        "OriginalImage[Width": config.source_size,
-        "Height]": config.source_size,
-        "OriginalImagePixelSpacing[x": 0.143 * 1024 / config.source_size,
-        "y]": 0.143 * 1024 / config.source_size,
-    })
-    table_path = out / LABEL_TABLE_NAME
-    table.to_csv(table_path, index=False)
-
-    unique_patients = np.unique(patients)
-    test_patients = set(rng.choice(unique_patients, size=max(1, int(round(config.test_fraction * len(unique_patients)))),
-                                   replace=False))
-    is_test = np.array([p in test_patients for p in patients])
-    (out / "test_list.txt").write_text("\n".join(np.array(names)[is_test]) + "\n")
-    (out / "train_val_list.txt").write_text("\n".join(np.array(names)[~is_test]) + "\n")
-    log.info("wrote %d synthetic images of %d patients to %s", len(names), len(unique_patients), out)
-    return table_path

@@ -8,7 +8,6 @@ otherwise disagree about what a sample holds).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from collections.abc import Iterator
@@ -75,11 +74,3 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0  # reproducible bytes: the same plan gives the same sha256
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

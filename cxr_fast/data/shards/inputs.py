@@ -19,9 +19,9 @@ import pandas as pd
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.datasets import Request, SampleTable, read_dataset
 from cxr_fast.data.datasets.base import parse_uncertain
-from cxr_fast.data.sample import ID_BYTES
-from cxr_fast.data.source import IMAGE_SUFFIXES, image_files
-from cxr_fast.data.split import plan_split
+from cxr_fast.data.shards.sample import ID_BYTES
+from cxr_fast.data.images.source import IMAGE_SUFFIXES, image_files
+from cxr_fast.data.datasets.split import plan_split
 from cxr_fast.errors import CxrFastError
 
 log = logging.getLogger(__name__)

@@ -1,23 +1,13 @@
-"""The OpenCV side of the processing (resize → CLAHE → augmentation, the reference the DALI graph is held to) and
-the normalisation both backends share, on the target device."""
+"""The OpenCV side of the processing (resize → CLAHE → augmentation, the reference the DALI graph is held to); the
+contract both follow is `images/preprocess.py`."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 
-from cxr_fast import constants as C
 from cxr_fast.config import AugmentConfig, DataConfig
-
-
-def normalize(images_u8: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(N, 1, H, W) uint8 -> float (x - mean) / std, channels-last, with `in_chans` channels (gray replicated).
-    Both backends end here, on the target device: uint8 crosses the bus, not float."""
-    images = (images_u8.float() - C.GRAY_MEAN) / C.GRAY_STD
-    if in_chans == 3:
-        images = images.expand(-1, 3, -1, -1)
-    return images.contiguous(memory_format=torch.channels_last)
+from cxr_fast.data.images.preprocess import gray8
 
 
 def pad_to_square(gray: np.ndarray) -> np.ndarray:
@@ -72,4 +62,4 @@ def augment_cv(image: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) 
         out = brightness * (128.0 + contrast * (out - 128.0))
     if rng.random() < aug.noise_prob:
         out = out + rng.normal(0.0, aug.noise_std, out.shape)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return gray8(out)

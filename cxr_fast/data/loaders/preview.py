@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from cxr_fast.config import DataConfig, PreviewConfig
-from cxr_fast.data.loader import LoaderSpec, create_loader
+from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
 
 
 def write_preview(shards_dir: str | Path, data: DataConfig, config: PreviewConfig, out: str | Path,

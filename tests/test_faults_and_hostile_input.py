@@ -23,11 +23,11 @@ from cxr_fast.data.datasets import nih
 from cxr_fast import constants as C
 from cxr_fast.cli import cli
 from cxr_fast.config import ShardConfig
-from cxr_fast.data.source import read_gray
-from cxr_fast.data.reader import load_manifest, split_shards
-from cxr_fast.data.tario import walk_tar
-from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.images.source import read_gray
+from cxr_fast.data.shards.manifest import load_manifest, split_shards
+from cxr_fast.data.shards.tars import walk_tar
+from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import folder_lock
 
@@ -151,7 +151,7 @@ def test_shard_refuses_a_folder_with_other_files(synth_dir, tmp_path):
 # 4 --------------------------------------------------------------------------------------------------- preemption
 def test_loader_workers_have_a_process_group_of_their_own(synth_shards):
     from cxr_fast.config import DataConfig
-    from cxr_fast.data.loader import LoaderSpec, create_loader
+    from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
 
     loader = create_loader(LoaderSpec(synth_shards, "train", DataConfig(image_size=32, workers=2), batch_size=4,
                                       train=False, loader="torch"))

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from cxr_fast.data.tario import add_member, dali_index, split_member_name, walk_tar
+from cxr_fast.data.shards.tars import add_member, dali_index, split_member_name, walk_tar
 from cxr_fast.errors import CxrFastError
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from cxr_fast import constants as C
 from cxr_fast.errors import CxrFastError
 from cxr_fast.data.datasets.base import SPLIT_MARKS, SampleTable
-from cxr_fast.data.labels import age_band
+from cxr_fast.data.datasets.labels import age_band
 
 
 def carve_by_patient(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cxr_fast.config import DataConfig
+from cxr_fast.data.shards.sample import BY_EXTENSION
 from cxr_fast.errors import CxrFastError
 
 READER_NAME = "Reader"
@@ -73,21 +74,23 @@ def build_pipeline(tars: list[str], image_ext: str, spec, device_id: int | None,
     fn, pipeline_def, types = import_dali()
     gpu, config, train = device_id is not None, spec.data, spec.train
     side = spec.side or config.image_size
+    raw = BY_EXTENSION[image_ext].dali == "raw"
 
     @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, config.workers or 1), device_id=device_id,
                   seed=spec.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_conditionals=True)
     def cxr_pipeline():
-        extra = (["mask"] if with_mask else []) + (["shape"] if image_ext == "raw" else [])
+        extra = (["mask"] if with_mask else []) + (["shape"] if raw else [])
         outputs = fn.readers.webdataset(
             paths=tars, index_paths=[t[: -len(".tar")] + ".idx" for t in tars], ext=[image_ext, "labels", "id"] + extra,
-            dtypes=[types.UINT8] * (3 + with_mask) + ([types.INT32] if image_ext == "raw" else []),
+            dtypes=[types.UINT8] * (3 + with_mask) + ([types.INT32] if raw else []),
             missing_component_behavior="error", random_shuffle=train, initial_fill=config.shuffle_buffer,
             shard_id=spec.rank, num_shards=spec.world_size, pad_last_batch=True, name=READER_NAME)
         encoded, labels, ids = outputs[:3]
-        if image_ext == "raw":
+        if raw:
             images = fn.reshape(encoded, shape=outputs[-1])
         else:
-            # 'mixed' decodes JPEG with nvJPEG on the GPU; PNG still decodes on the host inside the same operator.
+            # 'mixed' decodes JPEG with nvJPEG and JPEG 2000 with nvJPEG2000 on the GPU; PNG still decodes on the host
+            # inside the same operator.
             decode = {"device": "mixed", "hw_decoder_load": config.hw_decoder_load} if gpu else {"device": "cpu"}
             images = fn.decoders.image(encoded, output_type=types.GRAY, **decode)
         if gpu:

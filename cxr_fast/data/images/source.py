@@ -11,8 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cxr_fast.data.dicom import looks_like_dicom, read_dicom_source
-from cxr_fast.data.headers import PNG_SIGNATURE, image_dimensions
+from cxr_fast.data.images.dicom import looks_like_dicom, read_dicom_source
+from cxr_fast.data.images.headers import PNG_SIGNATURE, image_dimensions
+from cxr_fast.data.images.preprocess import gray8_over_range, gray_share
 from cxr_fast.errors import BadInput, CxrFastError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -79,9 +80,7 @@ def to_gray8(image: np.ndarray, path: Path | str = "") -> np.ndarray:
     elif image.ndim != 2:
         raise BadInput(path, f"unsupported image shape {image.shape}")
     if image.dtype == np.uint16:
-        low, high = int(image.min()), int(image.max())
-        scaled = (image.astype(np.float64) - low) * (255.0 / (high - low)) if high > low else np.zeros(image.shape)
-        image = np.rint(scaled).astype(np.uint8)
+        image = gray8_over_range(image)
     elif image.dtype != np.uint8:
         raise BadInput(path, f"unsupported pixel type {image.dtype}")
     return image
@@ -91,7 +90,7 @@ def gray_range_warning(gray: np.ndarray, share: float) -> str | None:
     """A warning when the 8-bit image spans less than `share` of the gray range (1st to 99th percentile): a dark,
     washed-out or flat image that the model would score as if it were a radiograph."""
     low, high = np.percentile(gray[:: max(1, gray.shape[0] // 512), :: max(1, gray.shape[1] // 512)], (1, 99))
-    used = (high - low) / 255.0
+    used = gray_share(low, high)
     if used < share:
         return f"the image uses {100 * used:.0f}% of the gray range (1st-99th percentile): dark, washed out or flat"
     return None

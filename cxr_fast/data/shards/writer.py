@@ -39,13 +39,14 @@ from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.datasets import SampleTable
-from cxr_fast.data.inputs import ShardInput, read_inputs
-from cxr_fast.data.reader import SHARD_FORMAT_VERSION
-from cxr_fast.data.sample import EXTENSIONS, encode_id, encode_image
-from cxr_fast.data.shard_folder import ShardFolder
-from cxr_fast.data.source import read_gray
-from cxr_fast.data.split import split_summary
-from cxr_fast.data.tario import add_member, dali_index, sha256_file
+from cxr_fast.data.shards.inputs import ShardInput, read_inputs
+from cxr_fast.data.shards.manifest import SHARD_FORMAT_VERSION
+from cxr_fast.data.shards.sample import EXTENSIONS, encode_id, encode_image
+from cxr_fast.data.shards.folder import ShardFolder
+from cxr_fast.data.images.source import read_gray
+from cxr_fast.data.datasets.split import split_summary
+from cxr_fast.data.shards.tars import add_member, dali_index
+from cxr_fast.files import sha256_file
 from cxr_fast.errors import BadInput, CxrFastError
 from cxr_fast.files import folder_lock
 
@@ -144,7 +145,7 @@ def plan_shards(table: SampleTable, config: ShardConfig, out: Path) -> list[dict
 
 
 @dataclass
-class ShardSet:
+class ManifestInput:
     """What a shard set is made from: the merged sample table (rows that have an image and a split), the inputs it
     was read from, and the count of table rows without an image."""
 
@@ -167,7 +168,7 @@ def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = Sh
         done = _run_jobs(jobs, folder, config.workers)
         for record in done.values():
             skipped += record["skipped"]
-        manifest = _manifest(ShardSet(table, inputs, rows_without_image), jobs, done, config, skipped)
+        manifest = _manifest(ManifestInput(table, inputs, rows_without_image), jobs, done, config, skipped)
         folder.finish(manifest)
     return manifest
 
@@ -209,7 +210,7 @@ def _run_jobs(jobs: list[dict], folder: ShardFolder, workers: int) -> dict:
     return done
 
 
-def _manifest(sources: ShardSet, jobs: list[dict], done: dict, config: ShardConfig, skipped: list[dict]) -> dict:
+def _manifest(sources: ManifestInput, jobs: list[dict], done: dict, config: ShardConfig, skipped: list[dict]) -> dict:
     table = sources.table
     written = {key for record in done.values() for key in record["keys"]}
     kept = table.subset(table.frame["key"].isin(written).to_numpy())

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cxr_fast.data.sample import decode_id, decode_image
-from cxr_fast.data.reader import load_manifest
-from cxr_fast.data.tario import dali_index, sha256_file, walk_tar
+from cxr_fast.data.shards.sample import decode_id, decode_image
+from cxr_fast.data.shards.manifest import load_manifest
+from cxr_fast.data.shards.tars import dali_index, walk_tar
+from cxr_fast.files import sha256_file
 from cxr_fast.errors import CxrFastError
 
 

@@ -23,9 +23,9 @@ from cxr_fast.cli import cli
 from cxr_fast.config import ShardConfig
 from cxr_fast.data import dicom as dicom_module
 from cxr_fast.data import source as source_module
-from cxr_fast.data.reader import load_manifest
-from cxr_fast.data.verify import verify
-from cxr_fast.data.writer import ShardInput, write_shards
+from cxr_fast.data.shards.manifest import load_manifest
+from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import BadInput, CxrFastError
 
 TINY_FLAGS = ["--model", "convnext_atto", "--no-pretrained", "--image-size", "64", "--workers", "0"]
@@ -80,7 +80,7 @@ def test_a_deflated_dicom_is_inflated_within_a_bound_before_it_is_read(tmp_path,
 
 
 def test_the_bounded_inflate_ends_on_a_chunk_boundary_with_bytes_after_the_stream():
-    from cxr_fast.data.headers import inflated_size_within
+    from cxr_fast.data.images.headers import inflated_size_within
 
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     blob = deflate.compress(bytes(3 << 20)) + deflate.flush() + b"\0"  # 3 MiB: the output ends on a 1 MiB chunk
@@ -191,7 +191,8 @@ def _save(copy, manifest):
 def test_verify_deep_catches_a_sample_copied_into_another_split(synth_shards, tmp_path):
     """A careful tamperer: a validation sample appended to a test shard, with the shard's sha256, index, counts and
     key lists updated to match, so every shallow check passes; the bytes still tell."""
-    from cxr_fast.data.tario import add_member, dali_index, sha256_file
+    from cxr_fast.data.shards.tars import add_member, dali_index
+    from cxr_fast.files import sha256_file
 
     copy, manifest = _copy(synth_shards, tmp_path)
     val, test = manifest["splits"]["val"]["shards"][0], manifest["splits"]["test"]["shards"][0]
@@ -234,7 +235,7 @@ def test_verify_deep_catches_swapped_image_names_and_analyze_refuses_duplicate_k
 
 @pytest.mark.parametrize("kind", ["empty", "symlink"])
 def test_an_empty_or_linked_member_is_named(synth_shards, tmp_path, kind):
-    from cxr_fast.data.tario import walk_tar
+    from cxr_fast.data.shards.tars import walk_tar
 
     tar_path = tmp_path / "bad.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -248,7 +249,7 @@ def test_an_empty_or_linked_member_is_named(synth_shards, tmp_path, kind):
 
 # 4 ------------------------------------------------------------------------------------ metadata read as written
 def test_ages_and_sexes_are_read_as_written_and_what_is_lost_is_counted(synth_dir, tmp_path):
-    from cxr_fast.data.labels import people, unusable_values
+    from cxr_fast.data.datasets.labels import people, unusable_values
 
     table = pd.DataFrame({"Patient Age": ["058Y", "045M", "12D", "-5", "414", "60", "", "3W"],
                           "Patient Gender": ["M", "male", "Female", "x", "F", "WOMAN", "", "m"]})

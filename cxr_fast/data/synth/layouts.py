@@ -1,6 +1,11 @@
-"""The synthetic data set in CheXpert's and MIMIC-CXR-JPG's layouts: their folders, file names and table columns,
-with JPEG films a fifth taller than wide (so pad-to-square matters), drawn from the same pictures and labels as
-the NIH layout.
+"""The synthetic data set written in a data set's layout, from the same drawn pictures and labels (`painter.py`):
+
+  nih            DIR/Data_Entry_2017.csv (NIH's columns), DIR/train_val_list.txt and test_list.txt (official-style,
+                 patient-disjoint), DIR/images_001/images/<patient>_<follow-up>.png (8-bit gray PNGs)
+  chexpert       CheXpert-v1.0-small's folders, train.csv and valid.csv
+  mimic-cxr-jpg  MIMIC-CXR-JPG's files/ tree, its chexpert, metadata and split tables, MIMIC-IV's patients.csv.gz
+
+CheXpert's and MIMIC's films are JPEGs a fifth taller than wide (so pad-to-square matters).
 
 Labels: each NIH finding the painter draws maps to the CheXpert observation that names it (Effusion → Pleural
 Effusion, Mass and Nodule → Lung Lesion, ...; Emphysema, Fibrosis and Hernia have none and stay unlabelled, as in
@@ -18,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.config import SynthConfig
-from cxr_fast.data.datasets import chexpert, mimic
-from cxr_fast.data.synth import CLASSES, Drawn, paint
+from cxr_fast.data.datasets import chexpert, mimic, nih
+from cxr_fast.data.synth.painter import CLASSES, Drawn, draw, paint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ FROM_NIH = {"Atelectasis": ["Atelectasis"], "Cardiomegaly": ["Cardiomegaly", "En
             "Consolidation": ["Consolidation", "Lung Opacity"], "Edema": ["Edema"],
             "Pleural_Thickening": ["Pleural Other"]}
 TALLER = 1.2
+NIH_IMAGES = "images_001/images"
 
 
 def report_labels(nih_labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -106,4 +112,44 @@ def write_mimic(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Gen
     return out / f"{mimic.PREFIX}chexpert.csv.gz"
 
 
-LAYOUTS = {"chexpert": write_chexpert, "mimic-cxr-jpg": write_mimic}
+def write_nih(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Generator) -> Path:
+    images_dir = out / NIH_IMAGES
+    images_dir.mkdir(parents=True, exist_ok=True)
+    patients, followups, labels = drawn.patients, drawn.followups, drawn.labels
+    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, followups)]
+    paint([images_dir / name for name in names], drawn, config)
+    table = pd.DataFrame({
+        nih.COL_IMAGE: names,
+        nih.COL_LABELS: [nih.format_finding_labels(row) for row in labels],
+        nih.COL_FOLLOWUP: followups,
+        nih.COL_PATIENT: patients,
+        nih.COL_AGE: drawn.ages,
+        nih.COL_SEX: drawn.sexes,
+        nih.COL_VIEW: drawn.views,
+        "OriginalImage[Width": config.source_size,
+        "Height]": config.source_size,
+        "OriginalImagePixelSpacing[x": 0.143 * 1024 / config.source_size,
+        "y]": 0.143 * 1024 / config.source_size,
+    })
+    table_path = out / nih.LABEL_TABLE_NAME
+    table.to_csv(table_path, index=False)
+
+    unique_patients = np.unique(patients)
+    test_patients = set(rng.choice(unique_patients, size=max(1, int(round(config.test_fraction * len(unique_patients)))),
+                                   replace=False))
+    is_test = np.array([p in test_patients for p in patients])
+    (out / "test_list.txt").write_text("\n".join(np.array(names)[is_test]) + "\n")
+    (out / "train_val_list.txt").write_text("\n".join(np.array(names)[~is_test]) + "\n")
+    log.info("wrote %d synthetic images of %d patients to %s", len(names), len(unique_patients), out)
+    return table_path
+
+
+LAYOUTS = {"nih": write_nih, "chexpert": write_chexpert, "mimic-cxr-jpg": write_mimic}
+
+
+def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
+    """Write the data set below `out` in `config.layout` and return the path of its label table (what `shard`
+    takes as --labels; --images is `out`)."""
+    rng = np.random.default_rng(config.seed)
+    drawn = draw(config, rng)
+    return LAYOUTS[config.layout](Path(out), drawn, config, rng)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from cxr_fast.config import DataConfig
-from cxr_fast.data.sample import decode_id, decode_image
-from cxr_fast.data.dali import READER_NAME, build_pipeline
-from cxr_fast.data.reader import has_mask, load_manifest, split_shards
-from cxr_fast.data.tario import walk_tar
-from cxr_fast.data.transforms import normalize as normalize_images
-from cxr_fast.data.transforms import process_gray
+from cxr_fast.data.shards.sample import decode_id, decode_image
+from cxr_fast.data.loaders.dali import READER_NAME, build_pipeline
+from cxr_fast.data.shards.manifest import has_mask, load_manifest, split_shards
+from cxr_fast.data.shards.tars import walk_tar
+from cxr_fast.data.images.preprocess import Preprocessing
+from cxr_fast.data.loaders.transforms import process_gray
 from cxr_fast.errors import CxrFastError
 
 LOADERS = ("auto", "dali", "torch")
@@ -177,7 +177,7 @@ class _Loader:
     def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str],
                mask: torch.Tensor | None = None) -> Batch:
         images = images_u8.to(self.device, non_blocking=True)
-        images = normalize_images(images, self.config.in_chans) if self.normalize else images
+        images = Preprocessing.of(self.config).normalize(images) if self.normalize else images
         targets = labels.to(self.device, non_blocking=True).float()
         if mask is not None:
             targets = targets.masked_fill(mask.to(self.device, non_blocking=True) == 0, float("nan"))
@@ -281,7 +281,7 @@ class SyntheticLoader:
         side, size = spec.data.image_size, spec.batch_size
         images = torch.randint(0, 256, (size, 1, side, side), dtype=torch.uint8, generator=generator)
         targets = (torch.rand(size, classes, generator=generator) > 0.9).float()
-        self.batch = Batch(normalize_images(images.to(self.device), spec.data.in_chans), targets.to(self.device),
+        self.batch = Batch(Preprocessing.of(spec.data).normalize(images.to(self.device)), targets.to(self.device),
                            [f"synthetic-{i}" for i in range(size)])
 
     def __len__(self):

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from cxr_fast import constants as C
-from cxr_fast.data.reader import MANIFEST
-from cxr_fast.data.tario import sha256_file
+from cxr_fast.data.shards.manifest import MANIFEST
+from cxr_fast.files import sha256_file
 from cxr_fast.errors import CxrFastError
 from cxr_fast.files import atomic_json
 
