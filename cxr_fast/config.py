@@ -58,9 +58,10 @@ class ShardConfig(Checked):
     and with how many processes they are written (neither of the last three is part of the digest)."""
 
     SECTION: ClassVar[str] = "shard"
-    encoding: str = setting("auto", "png: lossless, pixel-identical; jpeg: decodes on the GPU; raw: uint8, no "
-                            "decoding; auto: jpeg when every source is a JPEG (kept as it is: no second lossy "
-                            "generation), else png.", flag="--encoding", choices=("auto", "png", "jpeg", "raw"))
+    encoding: str = setting("auto", "png: lossless, pixel-identical; j2k: lossless JPEG 2000, smaller than png, "
+                            "decodes on the GPU; jpeg: lossy, decodes on the GPU; raw: uint8, no decoding; auto: jpeg "
+                            "when every source is a JPEG (kept as it is: no second lossy generation), else png.",
+                            flag="--encoding", choices=("auto", "png", "j2k", "jpeg", "raw"))
     jpeg_quality: int = setting(95, "JPEG quality of --encoding jpeg.", flag="--jpeg-quality", ge=1, le=100)
     resize: int | None = setting(None, "Store images resized to N x N (INTER_AREA); default: the source size.",
                                  flag="--resize", ge=16, le=8192)

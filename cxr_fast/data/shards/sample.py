@@ -46,6 +46,10 @@ ENCODINGS = {encoding.name: encoding for encoding in (
     Encoding("png", "png", True, "image", _codec(".png", "png", lambda _q: [cv2.IMWRITE_PNG_COMPRESSION, 3])),
     Encoding("jpeg", "jpg", False, "image", _codec(".jpg", "jpg", lambda q: [cv2.IMWRITE_JPEG_QUALITY, q])),
     Encoding("raw", "raw", True, "raw", _raw),
+    # Lossless JPEG 2000 (OpenCV's reversible 5/3 wavelet at compression x1000 = 1000): smaller than PNG on
+    # radiographs, decoded on the GPU by nvJPEG2000.
+    Encoding("j2k", "jp2", True, "image",
+             _codec(".jp2", "jp2", lambda _q: [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, 1000])),
 )}
 EXTENSIONS = {name: encoding.ext for name, encoding in ENCODINGS.items()}  # --encoding → the component's extension
 BY_EXTENSION = {encoding.ext: encoding for encoding in ENCODINGS.values()}
