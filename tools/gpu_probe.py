@@ -7,7 +7,7 @@ files (images, shards, checkpoints, compile caches) go to a temporary folder out
   call 1   data, profile, fastnorm, slowdown, loader
   call 2   data, recipe, run
 
-  data      synthetic images, sharded as jpeg, png, png resized to the full side and raw
+  data      synthetic images, sharded as jpeg, png, png resized to the full side, raw and lossless JPEG 2000
   profile   the kernel profile (bench/profile.py) of ConvNeXt-L 512 at 32 x 1, eager and compiled, one process each
   fastnorm  `bench train` eager at 32 x 1 for 20 steps, LayerNorm in float32 (default) and in bf16 (--fast-norm)
   slowdown  `cxr-fast train --batch-size 4` (4 x 8) for 2 epochs: cuDNN autotuning on, off, and compiled with
@@ -60,7 +60,7 @@ SIZES = {
                  "loader_seconds": 0.5, "recipe_steps": 1, "recipe_sides": 2},
 }
 ENCODINGS = {"jpeg": {"encoding": "jpeg"}, "png": {"encoding": "png"}, "png-resized": {"encoding": "png"},
-             "raw": {"encoding": "raw"}}
+             "raw": {"encoding": "raw"}, "j2k": {"encoding": "j2k"}}
 
 
 class Recorder:
