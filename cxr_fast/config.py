@@ -1,13 +1,8 @@
-"""Every setting a user can change, with its default, its meaning and its valid range: the only home of defaults.
-
-Frozen dataclasses per concern: the synthetic data set, the shards, the data pipeline (and its augmentation), the
-model, the optimisation and the run that holds the last four, and one per remaining command (preview, analyze,
-predict, the benchmarks, the demo). Each field carries its help text and its rule (`settings.setting`); a config is
-checked when it is built, from flags, from YAML or in code alike, and a bad value is an error that names the field
-(and its flag), before any work starts. The CLI builds its options from here: no command holds a default of its own.
-
-A run folder always gets the fully resolved config (`config.yaml`), so every result can be traced to its settings.
-YAML files may set any subset of fields; unknown keys are an error that names the key.
+"""Every setting a user can change, with its default, meaning and valid range: the only home of defaults. Frozen
+dataclasses per concern (synthetic data, shards, the data pipeline, the model, the optimisation, the run that holds
+the last four, one per remaining command); each field carries its help and rule (`settings.setting`), and a config
+is checked when it is built (flags, YAML or code alike): a bad value is an error naming the field and its flag. The
+CLI builds its options from here. A run folder gets the resolved config (`config.yaml`); YAML may set any subset.
 """
 
 from __future__ import annotations
@@ -17,8 +12,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from cxr_fast import constants
-from cxr_fast.settings import (Checked, ConfigError, describe, dump_yaml, from_dict, read_yaml,  # noqa: F401
-                               replace, setting, to_dict)
+from cxr_fast.settings import (Checked, ConfigError, check_annotations, describe, dump_yaml,  # noqa: F401
+                               from_dict, read_yaml, replace, setting, to_dict)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
 MAX_PIXELS = 64_000_000  # the largest source image read, checked before decoding: a guard against decompression bombs
@@ -38,8 +33,8 @@ class SynthConfig(Checked):
     """The synthetic data set (`cxr-fast synth`), in the layout of NIH, CheXpert or MIMIC-CXR-JPG."""
 
     SECTION: ClassVar[str] = "synth"
-    layout: str = setting("nih", "The data set whose files, folders and table columns are written.",
-                          flag="--layout", choices=("nih", "chexpert", "mimic-cxr-jpg"))
+    layout: str = setting("nih", "The data set whose files, folders and table columns are written (a layout of "
+                          "`data/synth/layouts.py`).", flag="--layout")
     n_images: int = setting(800, "Number of images.", flag="--n-images", ge=10)
     source_size: int = setting(1024, "Side of the images written (NIH: 1024, square; CheXpert and MIMIC: the "
                                "width, the height a fifth more).", flag="--source-size", ge=64, le=8192)
@@ -252,8 +247,8 @@ class AnalyzeConfig(Checked):
     bbox: str | None = setting(None, "NIH BBox_List_2017.csv: adds localisation scores (IoBB, pointing game).",
                                flag="--bbox")
     batch_size: int = setting(16, "Images per inference batch.", flag="--batch-size", ge=1)
-    dataset: str = setting("nih", "With --predictions: the description that reads --labels (nih, chexpert, "
-                           "mimic-cxr-jpg).", flag="--dataset", choices=("nih", "chexpert", "mimic-cxr-jpg"))
+    dataset: str = setting("nih", "With --predictions: the data-set description that reads --labels.",
+                           flag="--dataset")
     bootstrap: int = setting(500, "Patient-level bootstrap resamples for AUROC CIs (0: none).", flag="--bootstrap",
                              ge=0)
 
@@ -399,3 +394,7 @@ class DemoConfig(Checked):
 def load_yaml(path: str | Path, cls: type = RunConfig):
     """`cls` (a run's config by default) from a YAML file; see `settings.read_yaml`."""
     return read_yaml(path, cls)
+
+
+for _cls in [c for c in list(globals().values()) if isinstance(c, type) and issubclass(c, Checked) and c is not Checked]:
+    check_annotations(_cls)  # an annotation the settings cannot check is refused here, at import

@@ -4,6 +4,7 @@ themselves, with their defaults, live in `config.py`."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import field, fields, is_dataclass
@@ -27,9 +28,25 @@ def setting(default: Any, help: str = "", *, flag: str | None = None, choices: t
     if unknown:
         raise TypeError(f"setting() bounds are ge, gt, le, lt; got {', '.join(sorted(unknown))}")
     rule = {"help": help, "flag": flag, "choices": choices, "ge": None, "gt": None, "le": None, "lt": None} | bounds
-    if isinstance(default, (list, dict)) or is_dataclass(default):
-        return field(default_factory=lambda: default, metadata=rule)
+    if isinstance(default, (list, dict)) or is_dataclass(default):  # a copy per instance: nothing shared
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=rule)
     return field(default=default, metadata=rule)
+
+
+# The annotations `_coerce` checks (each also with " | None"); a nested config is a field whose default is a config.
+KINDS = ("float", "int", "bool", "str", "int | str", "tuple[float, float]")
+
+
+def check_annotations(cls: type) -> None:
+    """Refuse a config class with a field of a type the settings do not check (a `Path`, an `Optional[int]`): it
+    would pass unchecked and the option builder would not know it. Run for every config class at import."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in fields(cls)}
+    for f in fields(cls):
+        kind = str(f.type).removesuffix(" | None")
+        if kind not in KINDS and not is_dataclass(defaults[f.name]):
+            raise TypeError(f"{cls.__name__}.{f.name}: annotation {f.type!r} is not one of {', '.join(KINDS)} "
+                            "(optionally | None) nor a nested config")
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:

@@ -205,3 +205,24 @@ def test_one_image_contract():
              (PACKAGE / "data" / "synth") not in path.parents and
              re.search(r"GRAY_MEAN|GRAY_STD|\b255\.0\b|np\.clip\([^)]*0, 255\)|/ 255\b", path.read_text())]
     assert found == []
+
+
+def test_every_declared_flag_is_an_option_of_some_command():
+    """A field that declares a flag is reachable by it; a field without one is YAML-only on purpose."""
+    import dataclasses
+
+    from cxr_fast import config
+    from cxr_fast.cli import cli
+    from cxr_fast.cli.options import ConfigOption
+    from cxr_fast.settings import Checked, describe
+
+    def owner(cls, path):  # the config class that holds the field a dotted path ends in
+        head, _, leaf = path.rpartition(".")
+        return (type(describe(cls, head)[0]) if head else cls).__name__, leaf
+
+    offered = {owner(p.config_class, p.config_path) for _name, command in _commands(cli) for p in command.params
+               if isinstance(p, ConfigOption)}
+    classes = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, Checked) and c is not Checked]
+    missing = [f"{cls.__name__}.{f.name} ({f.metadata['flag']})" for cls in classes for f in dataclasses.fields(cls)
+               if f.metadata.get("flag") and (cls.__name__, f.name) not in offered]
+    assert missing == []

@@ -12,7 +12,7 @@ from cxr_fast.config import DataConfig, PreviewConfig, RunConfig, ShardConfig, S
 from cxr_fast.data.datasets import DATASETS, Request, read_dataset
 from cxr_fast.data.datasets.eda import write_eda_report
 from cxr_fast.data.loaders.preview import write_preview
-from cxr_fast.data.synth import write_synthetic_dataset
+from cxr_fast.data.synth import LAYOUTS, write_synthetic_dataset
 from cxr_fast.data.shards.verify import verify
 from cxr_fast.data.shards.writer import ShardInput, write_shards
 
@@ -22,7 +22,8 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@config_options(SynthConfig, "layout", "n_images", "source_size", "seed", "workers")
+@config_option(SynthConfig, "layout", type=click.Choice(list(LAYOUTS)))
+@config_options(SynthConfig, "n_images", "source_size", "seed", "workers")
 @config_file_option(SynthConfig)
 def synth(out: Path, **settings) -> None:
     """Write a synthetic data set in the layout of NIH (PNGs, Data_Entry_2017.csv, split lists), CheXpert
@@ -107,15 +108,15 @@ def eda(labels: Path, dataset: str, spec: Path | None, out: Path) -> None:
 @click.option("--shards", type=EXISTING_FOLDER, required=True)
 @config_options(PreviewConfig, "split", "loader", "augment", "n")
 @config_file_option(PreviewConfig)
-@config_options(RunConfig, "data.image_size", "seed")
+@config_options(RunConfig, "data.image_size", "data.fit", "seed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def preview(shards, image_size, seed, out, **settings) -> None:
-    """Write processed images (after CLAHE and augmentation, before normalisation) as OUT/<image_index>.
+def preview(shards, image_size, fit, seed, out, **settings) -> None:
+    """Write processed images (after CLAHE and augmentation, before normalisation) as OUT/<key>.png.
 
     With augmentation a contact sheet is written too. Compare --loader dali with --loader torch --no-augment.
     """
-    paths = write_preview(shards, DataConfig(image_size=image_size), build_config(PreviewConfig, settings), out,
-                          seed)
+    paths = write_preview(shards, DataConfig(image_size=image_size, fit=fit), build_config(PreviewConfig, settings),
+                          out, seed)
     click.echo(f"wrote {len(paths)} file(s) to {out}")
 
 

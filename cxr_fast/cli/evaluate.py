@@ -9,6 +9,7 @@ import click
 
 from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
 from cxr_fast.config import AnalyzeConfig, PredictConfig
+from cxr_fast.data.datasets import DATASETS
 from cxr_fast.evaluation.analyze import run_analysis
 from cxr_fast.evaluation.export import export_onnx
 from cxr_fast.evaluation.external import run_external_analysis
@@ -26,7 +27,8 @@ OUT_FOLDER = click.Path(file_okay=False, path_type=Path)
               help="predictions.csv made elsewhere (`cxr-fast predict` on an external test set), scored against "
                    "--labels instead of a shard split.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --predictions: the label table of those images (NIH layout).")
+              help="With --predictions: the label table of those images (in the layout --dataset names).")
+@config_option(AnalyzeConfig, "dataset", type=click.Choice(list(DATASETS)))
 @config_option(AnalyzeConfig, "split")
 @click.option("--out", type=OUT_FOLDER, required=True)
 @config_options(AnalyzeConfig, "device", "loader", "top_k")

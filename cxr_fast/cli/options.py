@@ -61,14 +61,14 @@ def config_file_option(cls: type):
 
 
 def build_config(cls: type, params: dict):
-    """`cls` from the command's values of its flat fields (option names equal field names), on top of the YAML
-    file of --config where one was given; a value out of its range is a usage error naming the option."""
-    names = {f for f in cls.__dataclass_fields__ if f in params}
+    """Every command's config: `cls` from the values of its options (each stands for a field, nested ones by their
+    dotted path), or, with --config (`params["config_file"]`), the YAML file's settings with the flags the user typed
+    on top; a value out of its range is a usage error naming the option."""
+    ctx = click.get_current_context()
     with usage_errors():
         if params.get("config_file"):
-            typed = typed_settings(click.get_current_context(), cls)
-            return replace(load_yaml(params["config_file"], cls), **typed)
-        return cls(**{name: params[name] for name in names})
+            return replace(load_yaml(params["config_file"], cls), **typed_settings(ctx, cls))
+        return replace(cls(), **typed_settings(ctx, cls, typed_only=False))
 
 
 @contextlib.contextmanager
@@ -80,11 +80,12 @@ def usage_errors():
         raise click.BadParameter(str(error), param_hint=f"'{error.flag}'" if error.flag else None) from None
 
 
-def typed_settings(ctx: click.Context, cls: type) -> dict:
-    """Settings below `cls` that the user typed (not defaults), as dotted config paths → values."""
+def typed_settings(ctx: click.Context, cls: type, typed_only: bool = True) -> dict:
+    """Settings below `cls` that the user typed (all of its options' values with typed_only=False), as dotted config
+    paths → values."""
     chosen = {}
     for param in ctx.command.params:
-        if isinstance(param, ConfigOption) and param.config_class is cls and \
-                ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+        if isinstance(param, ConfigOption) and param.config_class is cls and (not typed_only or \
+                ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None)):
             chosen[param.config_path] = ctx.params[param.name]
     return chosen

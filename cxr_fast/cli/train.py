@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from cxr_fast.cli.options import config_options, typed_settings, usage_errors
-from cxr_fast.config import RunConfig, load_yaml, replace
+from cxr_fast.cli.options import build_config, config_options, typed_settings
+from cxr_fast.config import RunConfig
 from cxr_fast.training.run import run_training
 
 TRAIN_SETTINGS = ("model.name", "model.pretrained", "model.weights", "model.compile", "model.compile_mode",
@@ -41,10 +41,7 @@ def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None
             raise click.UsageError("--config sets up a new run; --resume continues the one in --out with its config")
         record = run_training(RunConfig(), shards, out, resume=changes or True)
     else:
-        config = load_yaml(config_file) if config_file else RunConfig()
-        with usage_errors():
-            config = replace(config, **changes)
-        record = run_training(config, shards, out, overwrite=overwrite)
+        record = run_training(build_config(RunConfig, {"config_file": config_file}), shards, out, overwrite=overwrite)
     if record and "val_macro_auc" in record:
         click.echo(f"epoch {record['epoch']}: val macro AUC {record['val_macro_auc']:.4f}; checkpoints in "
                    f"{out / 'checkpoints'}")

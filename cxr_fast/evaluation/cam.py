@@ -1,5 +1,6 @@
-"""Grad-CAM++ (the `grad-cam` package) on the last ConvNeXt stage, overlays, and localisation scores against the NIH
-boxes (Wang et al. 2017: a box around the thresholded map, scored by IoBB; plus the pointing game).
+"""Grad-CAM++ (the `grad-cam` package) on the last convolutional stage of the model's family (`TARGET_LAYERS`:
+ConvNeXt, ResNet, EfficientNet, DenseNet), overlays, and localisation scores against the NIH boxes (Wang et al. 2017:
+a box around the thresholded map, scored by IoBB; plus the pointing game).
 
 Maps are computed one image and one class at a time, on the logit of that class: in multi-label models a batched
 call attributes the summed targets of the batch, and Grad-CAM++'s second-order terms amplify such mixing.

@@ -1,9 +1,10 @@
 """What a run folder may hold and what a resumed run may change.
 
 `train` into a folder that holds a run needs --resume (continue it) or --overwrite (replace its files, and only
-those); a resumed run keeps the settings in its last.pt, except those that only say how far to go or how fast
-(--epochs, re-planning the schedule; --max-steps, --workers, --tensorboard, --cudnn-benchmark). Any other flag that
-differs is an error naming it: changing it would make another run, which belongs in another folder.
+those); a resumed run keeps the settings in its last.pt, except those that only say how far to go, how fast or how
+often (`RESUMABLE`: --epochs, re-planning the schedule; --max-steps, --workers, --tensorboard, --cudnn-benchmark,
+--val-every, --compile, --compile-mode, --compile-cache). Any other flag that differs is an error naming it: changing
+it would make another run, which belongs in another folder.
 """
 
 from __future__ import annotations

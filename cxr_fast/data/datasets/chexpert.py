@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr_fast.data.datasets.base import (Request, SampleTable, apply_policies, check_unique_images, label_values,
                                          read_table, row_numbers)
-from cxr_fast.data.datasets.labels import people, unusable_values
+from cxr_fast.data.datasets.labels import demographics, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "chexpert"
@@ -56,7 +56,7 @@ def read(request: Request) -> SampleTable:
         values.append(label_values(part, CLASSES, path))
     table = pd.concat(parts, ignore_index=True)
     given = {"age": table["Age"], "sex": table["Sex"]}
-    frame = people(table["Age"], table["Sex"], views(table), len(table))
+    frame = demographics(table["Age"], table["Sex"], views(table), len(table))
     frame.insert(0, "image", table["Path"].str.split("/", n=1).str[1])  # without the release folder's name
     frame.insert(1, "path", table["Path"])
     frame.insert(2, "patient", table["_patient"])

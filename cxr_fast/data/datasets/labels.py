@@ -49,7 +49,7 @@ def parse_views(values: pd.Series) -> pd.Series:
     return values.where((values.str.len() > 0).fillna(False)).astype(object).where(lambda v: v.notna(), None)
 
 
-def people(ages: pd.Series | None, sexes: pd.Series | None, views: pd.Series | None, rows: int) -> pd.DataFrame:
+def demographics(ages: pd.Series | None, sexes: pd.Series | None, views: pd.Series | None, rows: int) -> pd.DataFrame:
     """Per row: age (years, NaN when missing or unusable), sex (M/F or None), view (or None), from a table's columns
     (None: the table has no such column)."""
     index = pd.RangeIndex(rows) if ages is None and sexes is None and views is None else \

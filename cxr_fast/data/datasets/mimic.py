@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr_fast.data.datasets import chexpert
 from cxr_fast.data.datasets.base import Request, SampleTable, apply_policies, label_values, read_table, row_numbers
-from cxr_fast.data.datasets.labels import people, unusable_values
+from cxr_fast.data.datasets.labels import demographics, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "mimic-cxr-jpg"
@@ -48,7 +48,7 @@ def read(request: Request) -> SampleTable:
         raise CxrFastError(f"{folder / SPLIT}: image {table.loc[unknown, 'dicom_id'].iloc[0]} has no split or an "
                            f"unknown one; expected {', '.join(SPLIT_NAMES)}")
     ages, sexes = _patients(folder, table["subject_id"])
-    frame = people(ages, sexes, table["ViewPosition"], len(table))
+    frame = demographics(ages, sexes, table["ViewPosition"], len(table))
     frame.insert(0, "image", table["dicom_id"])
     frame.insert(1, "path", "files/p" + table["subject_id"].str[:2] + "/p" + table["subject_id"] + "/s" +
                  table["study_id"] + "/" + table["dicom_id"] + ".jpg")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.data.datasets.base import Request, SampleTable, check_unique_images, read_table, row_numbers
-from cxr_fast.data.datasets.labels import people, read_split_list, unusable_values
+from cxr_fast.data.datasets.labels import demographics, read_split_list, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "nih"
@@ -144,7 +144,7 @@ def split_marks(images: pd.Series, test_list: list[str] | None, train_val_list: 
 def to_sample_table(table: pd.DataFrame, marks: pd.Series | None = None) -> SampleTable:
     """A validated NIH table in the common form; `marks` the official split (default: none, "pool")."""
     given = {"age": table.get(COL_AGE), "sex": table.get(COL_SEX)}
-    frame = people(given["age"], given["sex"], table.get(COL_VIEW), len(table))
+    frame = demographics(given["age"], given["sex"], table.get(COL_VIEW), len(table))
     frame.insert(0, "image", table[COL_IMAGE])
     frame.insert(1, "path", None)
     frame.insert(2, "patient", table[COL_PATIENT])

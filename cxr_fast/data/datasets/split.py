@@ -106,9 +106,9 @@ def split_summary(table: SampleTable, split: pd.Series) -> dict[str, dict]:
     """Per split: images, patients, per class the images where it is stated, positives and prevalence among them,
     and the demographics (sex, age band, view position, age), as a reporting checklist (CLAIM) asks of each
     partition; with several data sets, the images of each."""
-    people = table.frame[["age", "sex", "view"]].copy()
-    people["age_band"] = people["age"].map(age_band)
-    datasets = table.frame["dataset"] if "dataset" in table.frame else pd.Series(table.dataset, index=people.index)
+    per_image = table.frame[["age", "sex", "view"]].copy()
+    per_image["age_band"] = per_image["age"].map(age_band)
+    datasets = table.frame["dataset"] if "dataset" in table.frame else pd.Series(table.dataset, index=per_image.index)
     summary = {}
     for name in C.SPLITS:
         mask = (split == name).to_numpy()
@@ -122,20 +122,20 @@ def split_summary(table: SampleTable, split: pd.Series) -> dict[str, dict]:
             "stated": {c: int(v) for c, v in zip(table.classes, stated)},
             "positives": {c: int(v) for c, v in zip(table.classes, positives)},
             "prevalence": {c: (float(p) / n if n else 0.0) for c, p, n in zip(table.classes, positives, stated)},
-            "demographics": _demographics(people[mask]),
+            "demographics": _demographics(per_image[mask]),
         }
     return summary
 
 
-def _demographics(people: pd.DataFrame) -> dict:
+def _demographics(per_image: pd.DataFrame) -> dict:
     def counts(column: str, groups: tuple) -> dict:
-        values = people[column]
+        values = per_image[column]
         return {g: int((values == g).sum()) for g in groups} | {"unknown": int(values.isna().sum())}
 
-    ages = people["age"].dropna()
+    ages = per_image["age"].dropna()
     return {"sex": counts("sex", C.SEXES), "age_band": counts("age_band", C.AGE_BANDS),
-            "view": counts("view", C.VIEWS) | {"other": int((~people["view"].isin(C.VIEWS) &
-                                                            people["view"].notna()).sum())},
+            "view": counts("view", C.VIEWS) | {"other": int((~per_image["view"].isin(C.VIEWS) &
+                                                            per_image["view"].notna()).sum())},
             "age_mean": float(ages.mean()) if len(ages) else None,
             "age_median": float(ages.median()) if len(ages) else None}
 

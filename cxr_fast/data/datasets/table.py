@@ -20,7 +20,7 @@ import yaml
 
 from cxr_fast.data.datasets.base import (Request, SampleTable, apply_policies, check_unique_images, label_values,
                                          read_table, row_numbers)
-from cxr_fast.data.datasets.labels import people, unusable_values
+from cxr_fast.data.datasets.labels import demographics, unusable_values
 from cxr_fast.errors import CxrFastError
 
 NAME = "table"
@@ -57,7 +57,7 @@ def read(request: Request) -> SampleTable:
         if empty.any():
             raise CxrFastError(f"{request.labels}: empty {spec[key]!r} in row(s) {row_numbers(empty)}")
     column = {k: table[spec[k]] if spec.get(k) else None for k in ("age", "sex", "view")}
-    frame = people(column["age"], column["sex"], column["view"], len(table))
+    frame = demographics(column["age"], column["sex"], column["view"], len(table))
     paths = table[spec["image"]].str.strip()
     frame.insert(0, "image", paths)
     frame.insert(1, "path", paths)

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from cxr_fast.config import DataConfig
+from cxr_fast.config import LOADER_CHOICES, DataConfig
 from cxr_fast.data.shards.sample import decode_id, decode_image
 from cxr_fast.data.loaders.dali import READER_NAME, build_pipeline
 from cxr_fast.data.shards.manifest import has_mask, load_manifest, split_shards
@@ -35,7 +35,6 @@ from cxr_fast.data.images.preprocess import Preprocessing
 from cxr_fast.data.loaders.transforms import process_gray
 from cxr_fast.errors import CxrFastError
 
-LOADERS = ("auto", "dali", "torch")
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def resolve_loader(loader: str, device: torch.device) -> str:
     """auto → dali on a CUDA device when DALI is installed, else torch."""
-    if loader not in LOADERS:
-        raise CxrFastError(f"unknown loader {loader!r}: use {', '.join(LOADERS)}")
+    if loader not in LOADER_CHOICES:
+        raise CxrFastError(f"unknown loader {loader!r}: use {', '.join(LOADER_CHOICES)}")
     if loader != "auto":
         return loader
     if device.type != "cuda":

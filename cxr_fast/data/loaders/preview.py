@@ -13,7 +13,8 @@ from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
 
 def write_preview(shards_dir: str | Path, data: DataConfig, config: PreviewConfig, out: str | Path,
                   seed: int) -> list[Path]:
-    """Write the first `config.n` processed images as `out/<image_index>`, and with augmentation a contact sheet."""
+    """Write the first `config.n` processed images as `out/<key>.png` (the shard key), and with augmentation a contact
+    sheet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = config.n

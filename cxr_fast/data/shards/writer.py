@@ -58,7 +58,7 @@ def _write_shard(job: dict) -> dict:
     config = ShardConfig(**job["config"])
     tar_path, idx_path = Path(job["tar"]), Path(job["idx"])
     tmp_tar, tmp_idx = tar_path.with_suffix(".tar.tmp"), idx_path.with_suffix(".idx.tmp")
-    skipped, keys, patients, image_names, people = [], [], [], [], {"age": [], "sex": [], "view": [],
+    skipped, keys, patients, image_names, demographics = [], [], [], [], {"age": [], "sex": [], "view": [],
                                                                    "dataset": []}
     try:
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -90,7 +90,7 @@ def _write_shard(job: dict) -> dict:
                 keys.append(key)
                 patients.append(meta["patient_id"])
                 image_names.append(meta["image_index"])
-                for field, values in people.items():
+                for field, values in demographics.items():
                     values.append(meta[field])
         if not keys:
             raise BadInput(job["tar"], "no sample of this shard could be read")
@@ -102,7 +102,7 @@ def _write_shard(job: dict) -> dict:
         for tmp in (tmp_tar, tmp_idx):
             tmp.unlink(missing_ok=True)
     return {"name": job["name"], "sha256": digest, "samples": len(keys), "keys": keys, "patients": patients,
-            "image_index": image_names, **people, "skipped": skipped, "digest": job["digest"]}
+            "image_index": image_names, **demographics, "skipped": skipped, "digest": job["digest"]}
 
 
 # ----------------------------------------------------------------------------------------------------- planning
@@ -119,14 +119,14 @@ def _whole(value) -> int | None:
 
 def _sample(table: SampleTable, row: int) -> dict:
     frame, labels = table.frame, table.labels[row]
-    people = frame.loc[row]
-    return {"key": people["key"], "path": str(people["file"]), "size": Path(people["file"]).stat().st_size,
-            "meta": {"image_index": people["image"], "patient_id": str(people["patient"]),
-                     "dataset": people["dataset"], "finding_labels": people["finding_labels"],
+    entry = frame.loc[row]
+    return {"key": entry["key"], "path": str(entry["file"]), "size": Path(entry["file"]).stat().st_size,
+            "meta": {"image_index": entry["image"], "patient_id": str(entry["patient"]),
+                     "dataset": entry["dataset"], "finding_labels": entry["finding_labels"],
                      "labels": np.nan_to_num(labels, nan=0.0).astype(int).tolist(),
-                     "mask": np.isfinite(labels).astype(int).tolist(), "split": people["final_split"],
-                     "age": _whole(people["age"]), "sex": people["sex"], "view": people["view"],
-                     "follow_up": _whole(people["follow_up"])}}
+                     "mask": np.isfinite(labels).astype(int).tolist(), "split": entry["final_split"],
+                     "age": _whole(entry["age"]), "sex": entry["sex"], "view": entry["view"],
+                     "follow_up": _whole(entry["follow_up"])}}
 
 
 def plan_shards(table: SampleTable, config: ShardConfig, out: Path) -> list[dict]:

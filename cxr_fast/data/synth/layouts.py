@@ -25,6 +25,7 @@ import pandas as pd
 from cxr_fast.config import SynthConfig
 from cxr_fast.data.datasets import chexpert, mimic, nih
 from cxr_fast.data.synth.painter import CLASSES, Drawn, draw, paint
+from cxr_fast.errors import CxrFastError
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,11 @@ def write_mimic(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Gen
                         _table_values(report_labels(drawn.labels, rng))[sorted(mimic.CLASSES)]], axis=1)
     meta = pd.DataFrame(meta)
     meta["split"] = meta["subject_id"].map(split)
-    people = pd.DataFrame({"subject_id": subjects, "gender": drawn.sexes, "anchor_age": drawn.ages,
+    patients_table = pd.DataFrame({"subject_id": subjects, "gender": drawn.sexes, "anchor_age": drawn.ages,
                            "anchor_year": 2150, "anchor_year_group": "2008 - 2010", "dod": ""}
                           ).drop_duplicates("subject_id")
     tables = {f"{mimic.PREFIX}chexpert.csv.gz": labels, mimic.METADATA: meta.drop(columns="split"),
-              mimic.SPLIT: meta[["dicom_id", "study_id", "subject_id", "split"]], mimic.PATIENTS: people}
+              mimic.SPLIT: meta[["dicom_id", "study_id", "subject_id", "split"]], mimic.PATIENTS: patients_table}
     for name, table in tables.items():
         with gzip.open(out / name, "wt") as handle:
             table.to_csv(handle, index=False)
@@ -150,6 +151,8 @@ LAYOUTS = {"nih": write_nih, "chexpert": write_chexpert, "mimic-cxr-jpg": write_
 def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write the data set below `out` in `config.layout` and return the path of its label table (what `shard`
     takes as --labels; --images is `out`)."""
+    if config.layout not in LAYOUTS:
+        raise CxrFastError(f"unknown layout {config.layout!r}: use {', '.join(LAYOUTS)}")
     rng = np.random.default_rng(config.seed)
     drawn = draw(config, rng)
     return LAYOUTS[config.layout](Path(out), drawn, config, rng)
