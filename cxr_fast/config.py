@@ -182,12 +182,16 @@ class OptimConfig(Checked):
                                    choices=("inverse_frequency", "none"))
     ema_decay: float = setting(0.0, "EMA decay of the weights (0: off).", flag="--ema", ge=0, lt=1)
     progressive: int | None = setting(None, "Progressive resolution: the training side ramps from this to "
-                                      "--image-size in multiples of 32 (off when unset).", flag="--progressive",
-                                      ge=32, le=4096)
+                                      "--image-size in multiples of 32 (off when unset or 0).", flag="--progressive",
+                                      ge=0, le=4096)
     progressive_final_epochs: int = setting(3, "Epochs at the full side at the end of a progressive run.", ge=1)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.progressive == 0:  # "off", as unset: the way to turn off a schedule that a default turns on
+            object.__setattr__(self, "progressive", None)
+        if self.progressive is not None and self.progressive < 32:
+            raise ConfigError(f"optim.progressive (--progressive) must be 0 (off) or >= 32, got {self.progressive}")
         for name in ("batch_size", "accum"):
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -298,56 +302,47 @@ class BenchLoaderConfig(Checked):
     decode: bool = setting(False, "Also measure decode alone per core (the decode-bound limit).", flag="--decode")
 
 
+def _whole(config, names: tuple[str, ...]) -> None:
+    """A benchmark measures a micro-batch it is given: `auto` (probing the GPU) is the run's alone."""
+    for name in names:
+        if not isinstance(getattr(config.run.optim, name), int):
+            raise ConfigError(f"{config.SECTION}.run.optim.{name} (--{name.replace('_', '-')}) must be a whole "
+                              f"number here, got {getattr(config.run.optim, name)!r}")
+
+
 @dataclass(frozen=True)
 class BenchTrainConfig(Checked):
-    """`cxr-fast bench train`: the trainer's own loop for a few steps."""
+    """`cxr-fast bench train`: the trainer's own loop for a few steps, on the run it would train (`run`: model,
+    input, micro-batch and accumulation, precision, compilation, cuDNN, as for `train`)."""
 
     SECTION: ClassVar[str] = "bench.train"
-    model: str = setting("convnext_large", "Any timm model name.", flag="--model")
-    image_size: int = setting(constants.IMAGE_SIZE, "Input side in pixels.", flag="--image-size", ge=32, le=4096)
-    batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
-    accum: int = setting(1, "Micro-batches per optimizer step.", flag="--accum", ge=1)
+    run: RunConfig = setting(replace(RunConfig(), **{"model.pretrained": False, "optim.batch_size": 32,
+                                                     "optim.accum": 1}), "The run measured (random weights).")
     steps: int = setting(20, "Measured optimizer steps, after --warmup.", flag="--steps", ge=1)
     warmup: int = setting(3, "Optimizer steps before timing starts (autotuning, compilation).", flag="--warmup",
                           ge=1)
-    amp: str = setting("auto", "Mixed precision (as for train).", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
-    channels_last: bool = setting(True, "Channels-last memory format.", flag="--channels-last")
-    compile: bool | None = setting(None, "torch.compile the model; auto (unset): on CUDA.", flag="--compile")
-    compile_mode: str = setting("default", "torch.compile mode.", flag="--compile-mode", choices=COMPILE_MODES)
-    cudnn_benchmark: bool = setting(True, "cuDNN autotuning (compare on and off in separate processes: its plan "
-                                    "cache ignores the flag).", flag="--cudnn-benchmark")
-    fast_norm: bool = setting(False, FAST_NORM_HELP, flag="--fast-norm")
-    in_chans: int = setting(1, "Input channels.", flag="--in-chans", choices=(1, 3))
     data: str = setting("synthetic", "synthetic: on-device tensors (the compute ceiling); a loader name: that "
                         "loader on --shards.", flag="--data", choices=("synthetic", *LOADER_CHOICES))
-    workers: int | None = setting(None, "DALI threads / DataLoader workers (default: all cores).", flag="--workers",
-                                  ge=0, le=1024)
     peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
                                         gt=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _whole(self, ("batch_size", "accum"))
 
 
 @dataclass(frozen=True)
 class BenchRecipeConfig(Checked):
-    """`cxr-fast bench recipe`: the recipe whose wall time is projected, and how long each side is measured."""
+    """`cxr-fast bench recipe`: the recipe whose wall time is projected (`run`, as `train` would run it: by default
+    the GPU recipe, 25 epochs progressive from 256), its epoch's images, and how long each side is measured."""
 
     SECTION: ClassVar[str] = "bench.recipe"
-    model: str = setting("convnext_large", "Any timm model name.", flag="--model")
-    image_size: int = setting(constants.IMAGE_SIZE, "Full input side.", flag="--image-size", ge=32, le=4096)
-    progressive: int | None = setting(256, "First side of the progressive schedule (0: fixed at --image-size).",
-                                      flag="--progressive", ge=0, le=4096)
-    progressive_final_epochs: int = setting(3, "Epochs at the full side at the end.", flag="--final-epochs", ge=1)
-    epochs: int = setting(25, "Epochs of the recipe.", flag="--epochs", ge=1)
+    run: RunConfig = setting(replace(RunConfig(), **{"model.pretrained": False, "optim.batch_size": 32,
+                                                     "optim.progressive": 256}), "The recipe's run (random weights).")
     images: int = setting(NIH_TRAIN_IMAGES, "Training images per epoch (ChestX-ray14's official train_val list less "
                           "a 10% validation carve).", flag="--images", ge=1)
     val_images: int = setting(NIH_VAL_IMAGES, "Validation images per validated epoch (the 10% carve).",
                               flag="--val-images", ge=0)
-    val_every: int = setting(1, "Validate every N epochs and in each of the last N.", flag="--val-every", ge=1)
-    batch_size: int = setting(32, "Micro-batch.", flag="--batch-size", ge=1)
-    effective_batch: int = setting(32, "Images per optimizer step (micro-batch x accumulation).",
-                                   flag="--effective-batch", ge=1)
-    compile: bool | None = setting(None, "torch.compile; auto (unset): on CUDA.", flag="--compile")
-    compile_mode: str = setting("default", "torch.compile mode.", flag="--compile-mode", choices=COMPILE_MODES)
-    amp: str = setting("auto", "Mixed precision.", flag="--amp", choices=("auto", "bf16", "fp16", "off"))
     steps: int = setting(10, "Measured optimizer steps per side, after --warmup.", flag="--steps", ge=1)
     warmup: int = setting(3, "Optimizer steps per side before timing (compilation, autotuning).", flag="--warmup",
                           ge=1)
@@ -359,18 +354,13 @@ class BenchRecipeConfig(Checked):
     loader_build_seconds: float = setting(2.0, "Seconds to build a loader, counted once per distinct side and once "
                                           "for validation (the loaders live across epochs; a DALI pipeline takes "
                                           "about 2 s on an H200).", flag="--loader-build-seconds", ge=0)
-    fast_norm: bool = setting(False, FAST_NORM_HELP, flag="--fast-norm")
     gpus: int = setting(1, "GPUs to project for (linear scaling, stated as such).", flag="--gpus", ge=1)
     peak_tflops: float | None = setting(None, "Device peak for MFU where it is not known.", flag="--peak-tflops",
                                         gt=0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.effective_batch % self.batch_size:
-            raise ConfigError(f"bench.recipe.effective_batch {self.effective_batch} is not a multiple of "
-                              f"--batch-size {self.batch_size}")
-        if self.progressive == 0:  # 0 on the command line: no progressive schedule
-            object.__setattr__(self, "progressive", None)
+        _whole(self, ("batch_size",))
         if self.measure_sides == 1:
             raise ConfigError("bench.recipe.measure_sides (--measure-sides) 1 cannot separate the per-image cost from "
                               "the fixed one: give 2 or more, or 0 for every side")

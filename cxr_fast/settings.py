@@ -136,12 +136,14 @@ class Checked:
             object.__setattr__(self, f.name, value)
 
 
-def describe(cls: type, path: str) -> tuple[Any, dataclasses.Field]:
-    """(default, field) of a dotted path below `cls`, e.g. describe(RunConfig, "optim.lr")."""
+def describe(cls: type | Any, path: str) -> tuple[Any, dataclasses.Field]:
+    """(default, field) of a dotted path below `cls` (or below a config instance: a nested config's default may
+    differ from its class's), e.g. describe(RunConfig, "optim.lr")."""
     head, _, rest = path.partition(".")
-    found = {f.name: f for f in fields(cls)}[head]
-    default = getattr(cls(), head)
-    return describe(type(default), rest) if rest else (default, found)
+    config = cls() if isinstance(cls, type) else cls
+    found = {f.name: f for f in fields(config)}[head]
+    default = getattr(config, head)
+    return describe(default, rest) if rest else (default, found)
 
 
 def to_dict(config: Any) -> dict:
@@ -157,23 +159,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """Build dataclass `cls` from a nested dict; missing fields keep their defaults, unknown keys are an error."""
+def from_dict(cls: type | Any, values: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict; missing fields keep their defaults (a nested config's own default,
+    which may differ from its class's), unknown keys are an error. `cls` may be an instance to start from."""
+    base = cls() if isinstance(cls, type) else cls
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    for old, (new, convert) in getattr(cls, "RENAMED", {}).items():
+    for old, (new, convert) in getattr(base, "RENAMED", {}).items():
         if old in values and new not in values:
             values = {k: v for k, v in values.items() if k != old} | {new: convert(values[old])}
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(base)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    defaults = cls()
     kwargs = {}
     for name, value in values.items():
-        default = getattr(defaults, name)
-        kwargs[name] = from_dict(type(default), value, f"{where}.{name}") if is_dataclass(default) else value
-    return cls(**kwargs)
+        default = getattr(base, name)
+        kwargs[name] = from_dict(default, value, f"{where}.{name}") if is_dataclass(default) else value
+    return dataclasses.replace(base, **kwargs)
 
 
 def replace(config: Any, **changes: Any) -> Any:

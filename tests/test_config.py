@@ -47,7 +47,9 @@ def test_every_command_reads_its_settings_from_yaml_and_flags_win(tmp_path):
 
     from cxr_fast.cli import cli
 
-    (tmp_path / "bench.yaml").write_text("steps: 2\nwarmup: 1\nimage_size: 32\nbatch_size: 2\nmodel: resnet18\n")
+    # bench train's run is the run's own config: the same keys as a run's config.yaml, under `run`.
+    (tmp_path / "bench.yaml").write_text("steps: 2\nwarmup: 1\nrun:\n  data: {image_size: 32}\n"
+                                         "  optim: {batch_size: 2}\n  model: {name: resnet18}\n")
     result = CliRunner().invoke(cli, ["bench", "train", "--config", str(tmp_path / "bench.yaml"), "--model",
                                       "convnext_atto", "--json", str(tmp_path / "out.json")])
     assert result.exit_code == 0, result.output

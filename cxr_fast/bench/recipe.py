@@ -29,23 +29,19 @@ from cxr_fast.training.checkpoint import save_checkpoint
 from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import evaluate, synchronize, train_one_epoch, unwrap
 from cxr_fast.training.flops import device_peak, training_flops_per_image
-from cxr_fast.training.resolution import flops_ratio, side_schedule
-from cxr_fast.training.setup import EVAL_BATCH_FACTOR, build_trainer, validated_epochs
+from cxr_fast.training.resolution import flops_ratio
+from cxr_fast.training.setup import EVAL_BATCH_FACTOR, build_trainer, epoch_sides, validated_epochs
 
 PER_IMAGE_TERMS = ("train_seconds", "validation_seconds")  # what more GPUs divide
 FIXED_TERMS = ("startup_seconds", "compile_seconds", "loader_build_seconds", "checkpoint_seconds")
 
 
 def recipe_run_config(config: BenchRecipeConfig) -> RunConfig:
-    """The run the recipe describes, as `cxr-fast train` would set it up."""
-    return replace(RunConfig(), **{
-        "model.name": config.model, "model.pretrained": False, "model.compile": config.compile,
-        "model.compile_mode": config.compile_mode, "model.fast_norm": config.fast_norm,
-        "data.image_size": config.image_size, "optim.batch_size": config.batch_size,
-        "optim.accum": config.effective_batch // config.batch_size, "optim.effective_batch": config.effective_batch,
-        "optim.epochs": config.epochs, "optim.progressive": config.progressive,
-        "optim.progressive_final_epochs": config.progressive_final_epochs, "val_every": config.val_every,
-        "amp": config.amp})
+    """The run the recipe describes, with its accumulation resolved as `cxr-fast train` resolves it."""
+    optim = config.run.optim
+    if optim.accum != "auto":
+        return config.run
+    return replace(config.run, **{"optim.accum": optim.effective_batch // optim.batch_size})
 
 
 def _measure_side(state, run: RunConfig, side: int, config: BenchRecipeConfig) -> dict:
@@ -94,7 +90,8 @@ def _time_checkpoint(state) -> float:
 def projection(sides: list[int], rates: dict, config: BenchRecipeConfig, fixed_costs: dict) -> dict:
     """The recipe's wall time on one device and on `config.gpus`, term by term (see the module's docstring).
     `rates`: side → measured or fitted training row; `fixed_costs`: evaluation, startup and checkpoint seconds."""
-    evaluation, validated = fixed_costs["evaluation"], validated_epochs(config.epochs, config.val_every)
+    evaluation = fixed_costs["evaluation"]
+    validated = validated_epochs(config.run.optim.epochs, config.run.val_every)
     terms = {
         "startup_seconds": fixed_costs["startup_seconds"],
         "train_seconds": sum(config.images / rates[side]["images_per_second"] for side in sides),
@@ -134,7 +131,7 @@ def bench_recipe(config: BenchRecipeConfig = BenchRecipeConfig()) -> dict:
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = recipe_run_config(config)
-    sides = side_schedule(config.image_size, config.epochs, config.progressive, config.progressive_final_epochs)
+    sides = epoch_sides(run)
     state, model = build_trainer(run, device, tuple(nih.CLASSES), config.images)
     synchronize(device)
     costs = {"startup_seconds": time.perf_counter() - started, "checkpoint_seconds": _time_checkpoint(state)}
@@ -145,16 +142,16 @@ def bench_recipe(config: BenchRecipeConfig = BenchRecipeConfig()) -> dict:
         flops = training_flops_per_image(model, run.data.in_chans, side, device)["flops_per_image"]
         row |= {"flops_per_image": flops, "mfu": row["images_per_second"] * flops / peak if peak else None}
     costs["evaluation"] = _measure_eval(state, run, config)
-    full = config.image_size
-    return {"kind": "recipe", "model": config.model, "image_size": full, "epochs": config.epochs,
-            "images_per_epoch": config.images, "val_images": config.val_images, "val_every": config.val_every,
+    full, epochs = run.data.image_size, run.optim.epochs
+    return {"kind": "recipe", "model": run.model.name, "image_size": full, "epochs": epochs,
+            "images_per_epoch": config.images, "val_images": config.val_images, "val_every": run.val_every,
             "loader_build_seconds": config.loader_build_seconds, "schedule": sides,
             "flops_ratio": flops_ratio(sides, full), "compiled": resolve_compile(run.model, device),
-            "compile_mode": config.compile_mode, "fast_norm": config.fast_norm,
+            "compile_mode": run.model.compile_mode, "fast_norm": run.model.fast_norm,
             "sides": [rows[side] for side in sorted(rows)], "evaluation": costs["evaluation"],
             "startup_seconds": costs["startup_seconds"], "checkpoint_seconds": costs["checkpoint_seconds"],
             "projection": {"progressive": projection(sides, rows, config, costs),
-                           "fixed": projection([full] * config.epochs, rows, config, costs)},
+                           "fixed": projection([full] * epochs, rows, config, costs)},
             "gpus": config.gpus, "scaled_by_gpus": list(PER_IMAGE_TERMS),
             "loader_images_per_second_per_gpu": max(row["images_per_second"] for row in rows.values()),
             "gpu": gpu, "peak_flops": peak, "device": str(device), "machine": machine()}

@@ -10,7 +10,7 @@ import torch
 
 from cxr_fast.bench.loader import Forever
 from cxr_fast.bench.machine import machine
-from cxr_fast.config import NIH_TRAIN_IMAGES, BenchTrainConfig, RunConfig, replace
+from cxr_fast.config import NIH_TRAIN_IMAGES, BenchTrainConfig, replace
 from cxr_fast.data.datasets import nih
 from cxr_fast.data.loaders.loader import LoaderSpec, SyntheticLoader, create_loader
 from cxr_fast.data.shards.manifest import load_manifest
@@ -19,17 +19,6 @@ from cxr_fast.training.compiled import resolve_compile
 from cxr_fast.training.engine import train_one_epoch
 from cxr_fast.training.flops import device_peak, training_flops_per_image
 from cxr_fast.training.setup import build_trainer
-
-
-def bench_run_config(config: BenchTrainConfig) -> RunConfig:
-    """The run settings the benchmark trains with: the trainer's defaults, with the benchmark's model and shapes."""
-    return replace(RunConfig(), **{
-        "model.name": config.model, "model.pretrained": False, "model.channels_last": config.channels_last,
-        "model.compile": config.compile, "model.compile_mode": config.compile_mode,
-        "model.fast_norm": config.fast_norm, "data.image_size": config.image_size, "data.in_chans": config.in_chans,
-        "data.workers": config.workers, "optim.batch_size": config.batch_size, "optim.accum": config.accum,
-        "optim.effective_batch": config.batch_size * config.accum, "amp": config.amp,
-        "cudnn_benchmark": config.cudnn_benchmark})
 
 
 def _classes_and_images(shards_dir, config: BenchTrainConfig) -> tuple[tuple[str, ...], int]:
@@ -42,12 +31,13 @@ def _classes_and_images(shards_dir, config: BenchTrainConfig) -> tuple[tuple[str
     return tuple(manifest["classes"]), manifest["splits"]["train"]["images"]
 
 
-def _batches(shards_dir, config: BenchTrainConfig, run: RunConfig, device: torch.device, count: int):
+def _batches(shards_dir, config: BenchTrainConfig, device: torch.device, count: int):
+    run = config.run
     if config.data == "synthetic":
-        spec = LoaderSpec("", "train", run.data, batch_size=config.batch_size, device=device)
+        spec = LoaderSpec("", "train", run.data, batch_size=run.optim.batch_size, device=device)
         return SyntheticLoader(spec, count, len(nih.CLASSES))
-    data = replace(run.data, workers=config.workers or os.cpu_count())
-    loader = create_loader(LoaderSpec(shards_dir, "train", data, batch_size=config.batch_size, train=True,
+    data = replace(run.data, workers=run.data.workers or os.cpu_count())
+    loader = create_loader(LoaderSpec(shards_dir, "train", data, batch_size=run.optim.batch_size, train=True,
                                       loader=config.data, device=device))
     # Full batches only: the split's short last batch is a new shape (autotuning or a recompile in the window).
     return Forever(loader, full_batches=True)
@@ -57,23 +47,23 @@ def bench_train(shards_dir: str | Path | None, config: BenchTrainConfig = BenchT
     """Training images/s over `steps` optimizer steps after `warmup` ones, the share of that time the device waited
     for input, and MFU from counted FLOPs against the device's peak."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = bench_run_config(config)
+    run = config.run
     classes, train_images = _classes_and_images(shards_dir, config)
     state, model = build_trainer(run, device, classes, train_images)
-    flops = training_flops_per_image(model, config.in_chans, config.image_size, device)["flops_per_image"]
-    batches = (config.warmup + config.steps) * config.accum
-    loader = _batches(shards_dir, config, run, device, batches)
+    flops = training_flops_per_image(model, run.data.in_chans, run.data.image_size, device)["flops_per_image"]
+    batches = (config.warmup + config.steps) * run.optim.accum
+    loader = _batches(shards_dir, config, device, batches)
     stats = train_one_epoch(state, loader, batches, show_progress=False, warmup_steps=config.warmup)
     gpu, peak = device_peak(device, config.peak_tflops)
     rate = stats.timed_images / stats.timed_seconds
-    return {"kind": "train", "model": config.model, "data": config.data, "images_per_second": rate,
+    return {"kind": "train", "model": run.model.name, "data": config.data, "images_per_second": rate,
             "images": stats.timed_images, "seconds": stats.timed_seconds, "steps": stats.timed_steps,
             "warmup_steps": config.warmup, "warmup_seconds": stats.warmup_seconds,
             "loader_start_seconds": stats.loader_start_seconds, "loss": stats.loss,
             "data_wait_fraction": stats.input_wait_seconds / stats.timed_seconds, "flops_per_image": flops,
             "mfu": rate * flops / peak if peak else None, "peak_flops": peak, "gpu": gpu,
-            "batch_size": config.batch_size, "accum": config.accum, "image_size": config.image_size,
-            "amp": str(state.amp_dtype), "channels_last": config.channels_last, "fast_norm": config.fast_norm,
-            "compiled": resolve_compile(run.model, device), "compile_mode": config.compile_mode,
-            "compile_seconds": stats.warmup_overhead_seconds, "cudnn_benchmark": config.cudnn_benchmark,
-            "in_chans": config.in_chans, "device": str(device), "machine": machine()}
+            "batch_size": run.optim.batch_size, "accum": run.optim.accum, "image_size": run.data.image_size,
+            "amp": str(state.amp_dtype), "channels_last": run.model.channels_last, "fast_norm": run.model.fast_norm,
+            "compiled": resolve_compile(run.model, device), "compile_mode": run.model.compile_mode,
+            "compile_seconds": stats.warmup_overhead_seconds, "cudnn_benchmark": run.cudnn_benchmark,
+            "in_chans": run.data.in_chans, "device": str(device), "machine": machine()}

@@ -10,10 +10,13 @@ from cxr_fast.bench.loader import bench_loader
 from cxr_fast.bench.machine import write_json
 from cxr_fast.bench.recipe import bench_recipe
 from cxr_fast.bench.train import bench_train
-from cxr_fast.cli.options import build_config, config_file_option, config_options
+from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
 from cxr_fast.config import BenchLoaderConfig, BenchRecipeConfig, BenchTrainConfig
 
 SHARDS = click.Path(exists=True, file_okay=False, path_type=Path)
+# The run's own flags that both `bench train` and `bench recipe` take: what `train` calls them, what it means there.
+RUN_FLAGS = ("run.model.name", "run.data.image_size", "run.optim.batch_size", "run.amp", "run.model.compile",
+             "run.model.compile_mode", "run.model.fast_norm", "run.cudnn_benchmark")
 JSON_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
@@ -43,9 +46,9 @@ def bench_loader_command(shards, json_path, **settings) -> None:
 
 @bench.command("train")
 @click.option("--shards", type=SHARDS, help="Needed with --data auto, dali or torch.")
-@config_options(BenchTrainConfig, "model", "image_size", "batch_size", "accum", "steps", "warmup", "amp",
-                "channels_last", "compile", "compile_mode", "cudnn_benchmark", "fast_norm", "in_chans", "data", "workers",
-                "peak_tflops")
+@config_options(BenchTrainConfig, *RUN_FLAGS, "run.optim.accum", "run.data.in_chans", "run.data.workers", "steps",
+                "warmup", "data", "peak_tflops")
+@config_option(BenchTrainConfig, "run.model.channels_last", "--channels-last/--no-channels-last")
 @config_file_option(BenchTrainConfig)
 @click.option("--json", "json_path", type=JSON_FILE)
 def bench_train_command(shards, json_path, **settings) -> None:
@@ -58,10 +61,11 @@ def bench_train_command(shards, json_path, **settings) -> None:
 
 
 @bench.command("recipe")
-@config_options(BenchRecipeConfig, "model", "image_size", "progressive", "progressive_final_epochs", "epochs",
-                "images", "val_images", "val_every", "batch_size", "effective_batch", "compile", "compile_mode", "amp",
-                "fast_norm", "steps", "warmup", "eval_batches", "measure_sides", "loader_build_seconds", "gpus",
-                "peak_tflops")
+@config_options(BenchRecipeConfig, *RUN_FLAGS, "run.optim.progressive", "run.optim.epochs",
+                "run.optim.effective_batch", "run.val_every", "images", "val_images", "steps", "warmup",
+                "eval_batches", "measure_sides", "loader_build_seconds", "gpus", "peak_tflops")
+@config_option(BenchRecipeConfig, "run.optim.progressive_final_epochs", "--final-epochs",
+               help="Epochs at the full side at the end of the progressive schedule.")
 @config_file_option(BenchRecipeConfig)
 @click.option("--json", "json_path", type=JSON_FILE)
 def bench_recipe_command(json_path, **settings) -> None:

@@ -32,8 +32,7 @@ from cxr_fast.metrics import macro_auc, operating_points
 from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
                                           stored_config, training_payload)
 from cxr_fast.training.compiled import compiled_graphs, resolve_compile
-from cxr_fast.training.engine import (EpochStats, NonFiniteLoss, TrainState, evaluate, resolve_amp, train_one_epoch,
-                                     unwrap)
+from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, train_one_epoch, unwrap
 from cxr_fast.training.feed import RunLoaders
 from cxr_fast.training.flops import device_peak, training_flops_per_image
 from cxr_fast.training.ledger import EpochLedger
@@ -41,8 +40,8 @@ from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.memory import resolve_batch
 from cxr_fast.training.monitor import RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
-from cxr_fast.training.setup import (Env, build_model, build_state, check_classes, check_splits, epoch_sides,
-                                     plan_epochs, setup_distributed, validated_epochs)
+from cxr_fast.training.setup import (Env, build_model, build_state, check_classes, check_splits, plan_epochs,
+                                     setup_distributed, validated_epochs)
 
 log = logging.getLogger(__name__)
 # Optimizer steps of every epoch left out of its timed window: the loader's start, and at a new side cuDNN's
@@ -90,7 +89,7 @@ class Run:
         check_classes(manifest, resumed)
         model, ema = build_model(config, env, resumed, len(manifest["classes"]))
         torch.manual_seed(config.seed + env.rank)  # then each rank its own dropout and augmentation draws
-        self.config = config = resolve_batch(config, model, env.device, resolve_amp(config.amp, env.device))
+        self.config = config = resolve_batch(config, model, env.device, env.amp_dtype)
         self.plan = plan_epochs(config, manifest, env.world_size)
         weights = inverse_frequency_weights(manifest["splits"]["train"], self.plan.classes) \
             if config.optim.class_weighting == "inverse_frequency" else None
@@ -104,7 +103,7 @@ class Run:
             images_per_step = config.optim.batch_size * config.optim.accum * env.world_size
             self.state.on_step = lambda step, loss, lr: self.monitor.step(step, loss, lr, images_per_step)
         self.stop = _StopFlag(config.max_steps, self.state, env)
-        self.sides = epoch_sides(config)
+        self.sides = self.plan.sides
         self.loaders, self.ledger = RunLoaders(shards_dir, config, env), EpochLedger()
         self.flops = self._flops(model)
         self.validated = validated_epochs(config.optim.epochs, config.val_every)
@@ -280,7 +279,7 @@ def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path,
         if resumed is not None:
             saved = stored_config(resumed, CheckpointSaver(out_dir).last)
             config = resumed_config(saved, changes, resumed["epoch"])
-        env = setup_distributed(config.device, config.cudnn_benchmark)
+        env = setup_distributed(config.device, config.cudnn_benchmark, config.amp)
         np.random.seed(config.seed + env.rank)
         previous_handler = run = None
         try:

@@ -26,11 +26,13 @@ EVAL_BATCH_FACTOR = 2
 
 @dataclass(frozen=True)
 class Env:
-    """Where this process runs: its rank among `world_size` ranks and its device."""
+    """Where this process runs and in what precision: its rank among `world_size` ranks, its device, and the
+    autocast dtype (None: float32) the run's --amp resolves to there."""
 
     rank: int
     world_size: int
     device: torch.device
+    amp_dtype: torch.dtype | None = None
 
     @property
     def distributed(self) -> bool:
@@ -47,6 +49,7 @@ class Plan:
     train_images: int
     steps_per_epoch: int  # optimizer steps
     batches_per_epoch: int  # micro-batches per rank
+    sides: tuple[int, ...] = ()  # the training side of each epoch
 
     def total_steps(self, epochs: int) -> int:
         return self.steps_per_epoch * epochs
@@ -63,7 +66,7 @@ def validated_epochs(epochs: int, every: int) -> set[int]:
     return {epoch for epoch in range(1, epochs + 1) if epoch % every == 0 or epoch > epochs - every}
 
 
-def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
+def setup_distributed(device_choice: str, cudnn_benchmark: bool = True, amp: str = "auto") -> Env:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     # A launcher may show each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank): then it is device 0.
@@ -76,7 +79,7 @@ def setup_distributed(device_choice: str, cudnn_benchmark: bool = True) -> Env:
         torch.backends.cudnn.benchmark = cudnn_benchmark  # fixed input shapes: cuDNN picks its kernels once
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Env(rank, world_size, device)
+    return Env(rank, world_size, device, resolve_amp(amp, device))
 
 
 def check_splits(manifest: dict, world_size: int) -> None:
@@ -103,7 +106,7 @@ def plan_epochs(config: RunConfig, manifest: dict, world_size: int) -> Plan:
     if steps < 1:
         raise CxrFastError(f"{n_train} training images are too few for batch {batch} x accum {accum} x {world_size} "
                            "rank(s); lower --batch-size or --accum")
-    return Plan(tuple(manifest["classes"]), n_train, steps, steps * accum)
+    return Plan(tuple(manifest["classes"]), n_train, steps, steps * accum, tuple(epoch_sides(config)))
 
 
 def loader_seed(seed: int, epoch: int, rank: int) -> int:
@@ -135,7 +138,6 @@ def build_model(config: RunConfig, env: Env, resumed: dict | None, classes: int)
     """The model with its weights (loaded before any wrapping) and its EMA."""
     model = create_model(config.model, config.data.in_chans, classes,
                          pretrained=None if resumed is None else False).to(env.device)
-    check_input_sides(model, config.model.name, set(epoch_sides(config)))
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     ema = None
@@ -147,7 +149,8 @@ def build_model(config: RunConfig, env: Env, resumed: dict | None, classes: int)
 def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module, ema, loss_fn: torch.nn.Module
                 ) -> TrainState:
     """Optimizer (fused AdamW on CUDA), schedule and scaler around the (possibly compiled, DDP-wrapped) model."""
-    train_model = compile_model(model, config.model, env.device, len(set(epoch_sides(config))))
+    check_input_sides(model, config.model.name, set(plan.sides))
+    train_model = compile_model(model, config.model, env.device, len(set(plan.sides)))
     if env.distributed:
         # Gradients as views of DDP's buckets: one copy less per step and less memory.
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -158,9 +161,8 @@ def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module,
     total = plan.total_steps(config.optim.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total, int(config.optim.warmup_fraction * total), config.optim.min_lr_ratio))
-    amp_dtype = resolve_amp(config.amp, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    return TrainState(train_model, optimizer, scheduler, scaler, amp_dtype, config.optim.accum,
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
+    return TrainState(train_model, optimizer, scheduler, scaler, env.amp_dtype, config.optim.accum,
                       config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, plan.classes, ema)
 
 
@@ -169,7 +171,7 @@ def build_trainer(config: RunConfig, device: torch.device, classes: tuple[str, .
     `bench recipe`, the GPU probe): the model (compiled where the run would be, one graph per side of its schedule),
     fused AdamW on CUDA, cuDNN's autotuning as set, the run's schedule over `train_images` an epoch, the scaler and
     the focal loss over `classes`."""
-    env = Env(0, 1, device)
+    env = Env(0, 1, device, resolve_amp(config.amp, device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     torch.manual_seed(config.seed)  # the run's initial weights: settings compared in two processes start alike

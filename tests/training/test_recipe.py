@@ -168,7 +168,7 @@ def test_unmeasured_sides_are_fitted_from_two_or_more_measured_ones():
 
     assert measured_sides([256, 288, 320, 352, 384, 512, 512], 3) == [256, 320, 512]
     assert measured_sides([256, 512], 0) == [256, 512] and measured_sides([256, 384, 512], 2) == [256, 512]
-    with pytest.raises(ConfigError, match="--measure-sides\) 1 cannot separate"):
+    with pytest.raises(ConfigError, match=r"--measure-sides\) 1 cannot separate"):
         BenchRecipeConfig(measure_sides=1)
     # Seconds per image 1e-3 + 1e-8 x side^2 at the measured sides: the fit gives it back in between.
     rows = {s: {"images_per_second": 1 / (1e-3 + 1e-8 * s * s), "compile_seconds": 10.0} for s in (256, 512)}
