@@ -226,3 +226,10 @@ def test_every_declared_flag_is_an_option_of_some_command():
     missing = [f"{cls.__name__}.{f.name} ({f.metadata['flag']})" for cls in classes for f in dataclasses.fields(cls)
                if f.metadata.get("flag") and (cls.__name__, f.name) not in offered]
     assert missing == []
+
+
+def test_no_folder_holds_more_than_twelve_modules():
+    folders = {path.parent for path in MODULES}
+    crowded = {str(f.relative_to(PACKAGE)): n for f in folders
+               if (n := len([p for p in f.glob("*.py") if p.name != "__init__.py"])) > 12}
+    assert crowded == {}

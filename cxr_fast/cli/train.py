@@ -39,7 +39,7 @@ def train(ctx, shards, out, config_file, resume, overwrite, **_settings) -> None
     if resume:  # the run's own config, with the changes a resume may make (checked there)
         if config_file:
             raise click.UsageError("--config sets up a new run; --resume continues the one in --out with its config")
-        record = run_training(RunConfig(), shards, out, resume=changes or True)
+        record = run_training(RunConfig(), shards, out, resume=changes)
     else:
         record = run_training(build_config(RunConfig, {"config_file": config_file}), shards, out, overwrite=overwrite)
     if record and "val_macro_auc" in record:

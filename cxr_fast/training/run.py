@@ -7,7 +7,7 @@ of the split, validation predictions are gathered so metrics cover every sample 
 Exact resume: the train loader of epoch e is seeded by (seed, e, rank), so an interrupted epoch can be replayed and
 the batches already trained on skipped; model, optimizer, scheduler, scaler, EMA and RNG states come from last.pt.
 SIGTERM (preemption) finishes the current optimizer step, saves last.pt and exits cleanly. The loaders live for the
-run (`feed.py`); each epoch's record says where its wall time went (`ledger.py`).
+run (`feed.py`); each epoch's record says where its wall time went (`monitor.EpochLedger`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ from cxr_fast.training.compiled import compiled_graphs, resolve_compile
 from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, train_one_epoch, unwrap
 from cxr_fast.training.feed import RunLoaders
 from cxr_fast.training.flops import device_peak, training_flops_per_image
-from cxr_fast.training.ledger import EpochLedger
 from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
-from cxr_fast.training.memory import resolve_batch
-from cxr_fast.training.monitor import RunMonitor
+from cxr_fast.training.monitor import EpochLedger, RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
 from cxr_fast.training.setup import (Env, build_model, build_state, check_classes, check_splits, plan_epochs,
-                                     setup_distributed, validated_epochs)
+                                     resolve_batch, setup_distributed, validated_epochs)
 
 log = logging.getLogger(__name__)
 # Optimizer steps of every epoch left out of its timed window: the loader's start, and at a new side cuDNN's
@@ -261,21 +259,21 @@ class Run:
         return record
 
 
-def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool | dict = False,
+def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path, resume: dict | None = None,
                  show_progress: bool = True, overwrite: bool = False) -> dict:
     """Train; returns the last validation record (or {"stopped": reason, "step": n}). Writes
     <out>/checkpoints/{best,last}.pt, metrics.jsonl, config.yaml. Rank 0 holds a lock on the run folder.
 
-    With resume (True, or a dict of changes: dotted config paths → values, the flags given), the run's config comes
-    from last.pt and `config` is not used; the changes may change what `resume.RESUMABLE` lists, and any other change is
-    an error."""
+    resume None starts a run; a dict continues the run in `out_dir` with those changes (dotted config paths → values,
+    the flags given; {} for none): its config comes from last.pt and `config` is not used; the changes may change what
+    `resume.RESUMABLE` lists, and any other change is an error."""
     started = time.perf_counter()
-    changes = resume if isinstance(resume, dict) else {}
+    changes = resume or {}
     out_dir = Path(out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with folder_lock(out_dir, "a training run") if is_main else contextlib.nullcontext():
-        replaced = claim_run_folder(out_dir, resume, overwrite) if is_main else []
-        resumed = CheckpointSaver(out_dir).load_last() if resume else None
+        replaced = claim_run_folder(out_dir, resume is not None, overwrite) if is_main else []
+        resumed = CheckpointSaver(out_dir).load_last() if resume is not None else None
         if resumed is not None:
             saved = stored_config(resumed, CheckpointSaver(out_dir).last)
             config = resumed_config(saved, changes, resumed["epoch"])

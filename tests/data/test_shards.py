@@ -159,7 +159,7 @@ def test_unreadable_folder_is_reported(synth_dir, tmp_path, monkeypatch):
         yield from real_walk(top, onerror=onerror, **kwargs)
         onerror(PermissionError(13, "Permission denied", str(images / "sub")))
 
-    monkeypatch.setattr("cxr_fast.data.writer.os.walk", walk_with_denied_subfolder)
+    monkeypatch.setattr("cxr_fast.data.shards.writer.os.walk", walk_with_denied_subfolder)
     with pytest.raises(CxrFastError, match=f"cannot read folder {images / 'sub'}: Permission denied"):
         write_shards(ShardInput(images, synth_dir / "Data_Entry_2017.csv"), ShardConfig(out=str(tmp_path / "out")))
 

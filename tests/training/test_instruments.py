@@ -87,7 +87,7 @@ def test_dali_pipelines_built_ahead_and_resume_stays_exact(synth_shards, tmp_pat
     assert all(r["seconds"]["loader_build"] < 0.25 * records[0]["seconds"]["loader_build"] for r in records[1:])
     steps = whole["step"] // 3
     run_training(replace(config, max_steps=steps + 2), synth_shards, tmp_path / "parts", show_progress=False)
-    resumed = run_training(config, synth_shards, tmp_path / "parts", resume=True, show_progress=False)
+    resumed = run_training(config, synth_shards, tmp_path / "parts", resume={}, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
 
 

@@ -64,7 +64,7 @@ def test_resume_is_exact_across_a_change_of_side(synth_shards, tmp_path):
     stopped = run_training(config, synth_shards, tmp_path / "parts", resume={"max_steps": 2 * steps + 1},
                            show_progress=False)
     assert stopped["step"] == 2 * steps + 1  # inside the first epoch at 64
-    resumed = run_training(config, synth_shards, tmp_path / "parts", resume=True, show_progress=False)
+    resumed = run_training(config, synth_shards, tmp_path / "parts", resume={}, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
     assert [r["image_side"] for r in _records(tmp_path / "parts")] == [32, 32, 64, 64]
 
@@ -81,7 +81,7 @@ def test_compiled_run_trains_resumes_exactly_and_saves_plain_weights(synth_shard
     # The cache is the folder named, not torch's temp folder (importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR).
     assert sum(1 for p in (tmp_path / "cache").rglob("*") if p.is_file()) > 0
     run_training(replace(config, max_steps=3), synth_shards, tmp_path / "parts", show_progress=False)
-    resumed = run_training(config, synth_shards, tmp_path / "parts", resume=True, show_progress=False)
+    resumed = run_training(config, synth_shards, tmp_path / "parts", resume={}, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
     model, info = load_model(tmp_path / "whole/checkpoints/best.pt")  # plain weights: no compile prefix
     assert info.config.model.compile and not any("_orig_mod" in k or "compiled." in k for k in model.state_dict())

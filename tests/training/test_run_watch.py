@@ -18,7 +18,7 @@ from cxr_fast.cli import cli
 from cxr_fast.config import RunConfig, replace
 from cxr_fast.errors import CxrFastError
 from cxr_fast.training.checkpoint import load_checkpoint
-from cxr_fast.training.memory import candidates, resolve_batch
+from cxr_fast.training.setup import candidates, resolve_batch
 from cxr_fast.training.run import run_training
 
 TINY = {"model.name": "convnext_atto", "model.pretrained": False, "data.image_size": 64, "optim.batch_size": 4,
@@ -69,7 +69,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(synth_shards, 
     stopped = run_training(tiny(), synth_shards, tmp_path / "parts", show_progress=False)
     monkeypatch.undo()
     assert stopped["stopped"] == "SIGTERM" and 0 < stopped["step"] < whole["step"]
-    resumed = run_training(RunConfig(), synth_shards, tmp_path / "parts", resume=True, show_progress=False)
+    resumed = run_training(RunConfig(), synth_shards, tmp_path / "parts", resume={}, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
 
 

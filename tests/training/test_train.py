@@ -35,7 +35,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(synth_shards, tmp_path):
     stopped = run_training(tiny(max_steps=3), synth_shards, tmp_path / "parts", show_progress=False)
     assert stopped == {"stopped": "--max-steps 3", "step": 3}
     assert load_checkpoint(tmp_path / "parts/checkpoints/last.pt")["batch_in_epoch"] == 6  # mid-epoch
-    resumed = run_training(tiny(), synth_shards, tmp_path / "parts", resume=True, show_progress=False)
+    resumed = run_training(tiny(), synth_shards, tmp_path / "parts", resume={}, show_progress=False)
     assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts")
     records = _records(tmp_path / "whole")
     assert [r["epoch"] for r in records] == [1, 2]
