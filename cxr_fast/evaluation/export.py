@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cxr_fast import __version__
-from cxr_fast.data.images.preprocess import Preprocessing
+from cxr_fast.data.images.preprocess import Preprocessing, gray8
 from cxr_fast.config import DataConfig
 from cxr_fast.files import sha256_file
 from cxr_fast.errors import CxrFastError
@@ -44,13 +44,13 @@ def _parity(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> float:
     return float(np.abs(1 / (1 + np.exp(-onnx)) - 1 / (1 + np.exp(-reference))).max())
 
 
-def parity_inputs(size: int, chans: int, count: int = 4) -> torch.Tensor:
+def parity_inputs(data: DataConfig, count: int = 4) -> torch.Tensor:
     """Inputs like the real ones: processed gray images (smooth structure plus noise), normalised."""
-    rng = np.random.default_rng(0)
+    rng, size = np.random.default_rng(0), data.image_size
     yy, xx = np.mgrid[0:size, 0:size] / size
-    images = [np.clip(128 + 80 * np.sin(6 * xx + k) * np.cos(4 * yy - k) + rng.normal(0, 20, (size, size)), 0, 255)
+    images = [gray8(128 + 80 * np.sin(6 * xx + k) * np.cos(4 * yy - k) + rng.normal(0, 20, (size, size)))
               for k in range(count)]
-    return normalize(torch.from_numpy(np.stack(images).astype(np.uint8)[:, None]), chans).contiguous()
+    return Preprocessing.of(data).normalize(torch.from_numpy(np.stack(images)[:, None])).contiguous()
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -70,7 +70,7 @@ def _export(checkpoint: str | Path, out: Path) -> dict:
     model, info = load_model(checkpoint, "cpu")
     model = model.float().eval()
     data = info.config.data
-    sample = parity_inputs(data.image_size, data.in_chans)
+    sample = parity_inputs(data)
     tmp = out / "model.onnx.tmp"
     try:
         with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is the legacy one
