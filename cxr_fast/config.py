@@ -117,8 +117,8 @@ class AugmentConfig(Checked):
                                                     "scanners.", gt=0)
     contrast_range: tuple[float, float] = setting((0.9, 1.1), "Contrast factor around gray 128.", gt=0)
     noise_prob: float = setting(0.3, "Probability of Gaussian noise.", ge=0, le=1)
-    noise_std: float = setting(4.0, "Noise sigma in gray levels (0-255): quantum noise of a low-dose exposure.",
-                               ge=0, le=128)
+    noise_std: float = setting(4.0, "Noise sigma in 8-bit gray levels: quantum noise of a low-dose exposure.", ge=0,
+                               le=128)
 
 
 @dataclass(frozen=True)

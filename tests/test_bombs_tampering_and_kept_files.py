@@ -249,12 +249,12 @@ def test_an_empty_or_linked_member_is_named(synth_shards, tmp_path, kind):
 
 # 4 ------------------------------------------------------------------------------------ metadata read as written
 def test_ages_and_sexes_are_read_as_written_and_what_is_lost_is_counted(synth_dir, tmp_path):
-    from cxr_fast.data.datasets.labels import people, unusable_values
+    from cxr_fast.data.datasets.labels import demographics, unusable_values
 
     table = pd.DataFrame({"Patient Age": ["058Y", "045M", "12D", "-5", "414", "60", "", "3W"],
                           "Patient Gender": ["M", "male", "Female", "x", "F", "WOMAN", "", "m"]})
     given = {"age": table["Patient Age"], "sex": table["Patient Gender"]}
-    parsed = people(given["age"], given["sex"], None, len(table))
+    parsed = demographics(given["age"], given["sex"], None, len(table))
     np.testing.assert_allclose(parsed["age"].to_numpy()[:3], [58, 3.75, 12 / 365.25])
     assert parsed["age"].isna().tolist() == [False, False, False, True, True, False, True, False]
     assert parsed["sex"].tolist() == ["M", "M", "F", None, "F", "F", None, "M"]

@@ -61,3 +61,27 @@ def test_every_command_reads_its_settings_from_yaml_and_flags_win(tmp_path):
                                       str(tmp_path / "bench.yaml"), "--shards", str(tmp_path), "--out",
                                       str(tmp_path / "a")])
     assert result.exit_code == 2 and "analyze.top_k (--top-k) must be >= 0" in result.output
+
+
+def test_an_annotation_the_settings_cannot_check_is_refused_and_defaults_are_not_shared():
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    import pytest
+
+    from cxr_fast.settings import Checked, check_annotations, setting
+
+    @dataclass(frozen=True)
+    class Planted(Checked):
+        where: Path = setting(Path("."), "A path the settings would pass unchecked.")
+
+    with pytest.raises(TypeError, match="Planted.where: annotation .*Path.* is not one of"):
+        check_annotations(Planted)
+
+    @dataclass(frozen=True)
+    class Listed(Checked):
+        names: list = setting(["a"], "A mutable default.")
+
+    first, second = Listed.__dataclass_fields__["names"].default_factory(), Listed().names
+    first.append("b")
+    assert second == ["a"] and first is not second

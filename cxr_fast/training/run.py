@@ -29,17 +29,15 @@ from cxr_fast.config import RunConfig, dump_yaml
 from cxr_fast.data.shards.manifest import load_manifest
 from cxr_fast.files import folder_lock
 from cxr_fast.metrics import macro_auc, operating_points
-from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, restore_training, rng_states,
-                                          stored_config, training_payload)
+from cxr_fast.training.checkpoint import (CheckpointSaver, chosen_on_validation, rng_states, stored_config,
+                                          training_payload)
 from cxr_fast.training.compiled import compiled_graphs, resolve_compile
 from cxr_fast.training.engine import EpochStats, NonFiniteLoss, TrainState, evaluate, train_one_epoch, unwrap
 from cxr_fast.training.feed import RunLoaders
 from cxr_fast.training.flops import device_peak, training_flops_per_image
-from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.monitor import EpochLedger, RunMonitor
 from cxr_fast.training.resume import claim_run_folder, resumed_config
-from cxr_fast.training.setup import (Env, build_model, build_state, check_classes, check_splits, plan_epochs,
-                                     resolve_batch, setup_distributed, validated_epochs)
+from cxr_fast.training.setup import Env, set_up_training, setup_distributed, validated_epochs
 
 log = logging.getLogger(__name__)
 # Optimizer steps of every epoch left out of its timed window: the loader's start, and at a new side cuDNN's
@@ -81,19 +79,9 @@ class Run:
                  show_progress: bool):
         self.config, self.shards_dir, self.out_dir, self.env = config, shards_dir, out_dir, env
         self.show_progress = show_progress and env.is_main
-        manifest = load_manifest(shards_dir)
-        check_splits(manifest, env.world_size)
-        torch.manual_seed(config.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
-        check_classes(manifest, resumed)
-        model, ema = build_model(config, env, resumed, len(manifest["classes"]))
-        torch.manual_seed(config.seed + env.rank)  # then each rank its own dropout and augmentation draws
-        self.config = config = resolve_batch(config, model, env.device, env.amp_dtype)
-        self.plan = plan_epochs(config, manifest, env.world_size)
-        weights = inverse_frequency_weights(manifest["splits"]["train"], self.plan.classes) \
-            if config.optim.class_weighting == "inverse_frequency" else None
-        self.state = build_state(config, self.plan, env, model, ema, FocalLoss(config.optim.focal_gamma, weights))
-        self.loss_fn = self.state.loss_fn
-        self.best_auc = restore_training(resumed, self.state, env.rank) if resumed is not None else -1.0
+        config, self.plan, self.state, model, self.best_auc = set_up_training(config, load_manifest(shards_dir), env,
+                                                                               resumed)
+        self.config, self.loss_fn = config, self.state.loss_fn
         self.chosen = chosen_on_validation(resumed) if resumed is not None else None  # kept in every last.pt
         self.saver = CheckpointSaver(out_dir)
         self.monitor = RunMonitor(out_dir, config.tensorboard) if env.is_main else None

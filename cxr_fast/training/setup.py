@@ -18,9 +18,10 @@ from torch import nn
 
 from cxr_fast.config import RunConfig, replace
 from cxr_fast.errors import CxrFastError
+from cxr_fast.training.checkpoint import restore_training
 from cxr_fast.training.compiled import compile_model
 from cxr_fast.training.engine import TrainState, autocast, resolve_amp, resolve_device, warmup_cosine
-from cxr_fast.training.losses import FocalLoss
+from cxr_fast.training.losses import FocalLoss, inverse_frequency_weights
 from cxr_fast.training.model import create_model
 from cxr_fast.training.resolution import side_schedule
 
@@ -170,6 +171,24 @@ def build_state(config: RunConfig, plan: Plan, env: Env, model: torch.nn.Module,
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
     return TrainState(train_model, optimizer, scheduler, scaler, env.amp_dtype, config.optim.accum,
                       config.optim.clip_grad_norm, loss_fn.to(env.device), env.device, plan.classes, ema)
+
+
+def set_up_training(config: RunConfig, manifest: dict, env: Env, resumed: dict | None):
+    """What `cxr-fast train` trains with, before its first epoch: the splits and classes checked, the model (the same
+    initial weights on every rank), the micro-batch resolved, the plan and the state the engine steps, restored from
+    `resumed` where given. Returns (config with the batch resolved, plan, state, the plain model, best AUROC so far)."""
+    check_splits(manifest, env.world_size)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank, so the ranks' EMAs agree
+    check_classes(manifest, resumed)
+    model, ema = build_model(config, env, resumed, len(manifest["classes"]))
+    torch.manual_seed(config.seed + env.rank)  # then each rank its own dropout and augmentation draws
+    config = resolve_batch(config, model, env.device, env.amp_dtype)
+    plan = plan_epochs(config, manifest, env.world_size)
+    weights = inverse_frequency_weights(manifest["splits"]["train"], plan.classes) \
+        if config.optim.class_weighting == "inverse_frequency" else None
+    state = build_state(config, plan, env, model, ema, FocalLoss(config.optim.focal_gamma, weights))
+    best_auc = restore_training(resumed, state, env.rank) if resumed is not None else -1.0
+    return config, plan, state, model, best_auc
 
 
 def build_trainer(config: RunConfig, device: torch.device, classes: tuple[str, ...], train_images: int):

@@ -52,11 +52,11 @@ def test_metrics_curves_and_tensorboard(synth_shards, tmp_path):
 
 
 def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(synth_shards, tmp_path, monkeypatch):
-    from cxr_fast.training import run as run_module
+    from cxr_fast.training import setup as setup_module
 
     whole = run_training(tiny(), synth_shards, tmp_path / "whole", show_progress=False)
 
-    class SigtermAtTheNinthBatch(run_module.FocalLoss):
+    class SigtermAtTheNinthBatch(setup_module.FocalLoss):
         calls = 0
 
         def forward(self, logits, targets):
@@ -65,7 +65,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(synth_shards, 
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().forward(logits, targets)
 
-    monkeypatch.setattr(run_module, "FocalLoss", SigtermAtTheNinthBatch)
+    monkeypatch.setattr(setup_module, "FocalLoss", SigtermAtTheNinthBatch)
     stopped = run_training(tiny(), synth_shards, tmp_path / "parts", show_progress=False)
     monkeypatch.undo()
     assert stopped["stopped"] == "SIGTERM" and 0 < stopped["step"] < whole["step"]

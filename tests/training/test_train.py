@@ -62,9 +62,9 @@ def test_checkpoint_is_written_atomically_and_checked_on_load(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(synth_shards, tmp_path, monkeypatch):
-    from cxr_fast.training import run
+    from cxr_fast.training import setup
 
-    class BreaksAtTheFifthBatch(run.FocalLoss):
+    class BreaksAtTheFifthBatch(setup.FocalLoss):
         calls = 0
 
         def forward(self, logits, targets):
@@ -72,7 +72,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_state(synth
             loss = super().forward(logits, targets)
             return loss * float("nan") if BreaksAtTheFifthBatch.calls == 5 else loss
 
-    monkeypatch.setattr(run, "FocalLoss", BreaksAtTheFifthBatch)
+    monkeypatch.setattr(setup, "FocalLoss", BreaksAtTheFifthBatch)
     with pytest.raises(CxrFastError, match=r"loss is nan at optimizer step 3 \(epoch 1"):
         run_training(tiny(), synth_shards, tmp_path / "run", show_progress=False)
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")

@@ -1,9 +1,9 @@
 """DICOM radiographs as the pipeline's 8-bit gray image (pydicom).
 
-The stored values go through the modality LUT (rescale slope and intercept), then to 0-255 by the VOI LUT or the
-window (center, width; the DICOM linear function, PS3.3 C.11.2.1.2) when the file has one, else by the range of the
-stored bit depth; MONOCHROME1 (white = low values) is inverted. An 8-bit MONOCHROME2 image without a window comes
-out unchanged, so a PNG and its DICOM twin give the same pixels. RLE decodes with pydicom alone; JPEG, JPEG-LS and
+The stored values go through the modality LUT (rescale slope and intercept), then to the 8-bit gray scale
+(`preprocess.py`) by the VOI LUT or the window (center, width; the DICOM linear function, PS3.3 C.11.2.1.2) when the
+file has one, else by the range of the stored bit depth; MONOCHROME1 (white = low values) is inverted. An 8-bit
+MONOCHROME2 image without a window comes out unchanged, so a PNG and its DICOM twin give the same pixels. RLE decodes with pydicom alone; JPEG, JPEG-LS and
 JPEG 2000 need pylibjpeg (with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm, and a file that needs one
 missing says which. Colour and multi-frame files are refused: a chest X-ray here is one gray image. The size limit
 holds before any decoding: Rows x Columns, the compressed payload's own header, and a bounded inflate of deflated
