@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -48,11 +49,29 @@ def folder_lock(folder: Path, what: str):
         os.close(fd)  # releases the lock
 
 
+def plain_json(value):
+    """`value` as strict JSON holds it: numpy numbers as Python ones, and an undefined number (NaN, infinite: an AUROC
+    of a class without positives) as null, which every JSON parser reads (a bare NaN is not JSON)."""
+    if isinstance(value, dict):
+        return {key: plain_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalars and arrays
+        return plain_json(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dump_json(payload) -> str:
+    return json.dumps(plain_json(payload), indent=1, allow_nan=False)
+
+
 def atomic_json(path: Path, payload: dict) -> None:
     """Write JSON through a temporary file and a rename: readers see the old or the new file, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.write_text(dump_json(payload))
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)

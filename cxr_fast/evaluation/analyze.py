@@ -9,7 +9,6 @@ images the model scored: the maps are drawn on those, and nothing is read twice.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from cxr_fast.data.loaders.loader import LoaderSpec, create_loader, resolve_load
 from cxr_fast.data.shards.manifest import load_manifest, sample_table
 from cxr_fast.data.images.preprocess import Preprocessing, gray8_from_input
 from cxr_fast.errors import CxrFastError
-from cxr_fast.files import claim_output, folder_lock, make_folder
+from cxr_fast.files import claim_output, dump_json, folder_lock, make_folder
 from cxr_fast.evaluation.cam import IOBB_THRESHOLDS, CamExplainer, cam_box, iobb, overlay, pointing_hit
 from cxr_fast.evaluation.clinical import calibration_report, operating_point_report, subgroup_audit
 from cxr_fast.evaluation.clinical_report import (calibration_section, claim_section, operating_points_section,
@@ -167,7 +166,7 @@ def _analyze(inputs: Inputs, out: Path, config: AnalyzeConfig) -> dict:
     clinical = clinical_sections(metrics, scored, manifest, config, out / "curves")
     gallery, localization = _explain(scored, collector, boxes, out / "visualizations")
     metrics["localization"] = localization
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    (out / "metrics.json").write_text(dump_json(metrics))
     report = write_analysis_report(out, metrics, curves, gallery, localization, clinical)
     log.info("analysis of %d %s images: macro AUROC %.4f; report %s", len(keys), split,
              metrics["macro"]["auroc"], report)

@@ -8,7 +8,6 @@ an error, and images without a label, are left out and counted in the report."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cxr_fast.data.datasets.split import split_summary
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import OWN_FILES, ScoredSplit, clinical_sections
 from cxr_fast.evaluation.report import plot_curves, write_analysis_report
-from cxr_fast.files import claim_output, folder_lock, make_folder
+from cxr_fast.files import claim_output, dump_json, folder_lock, make_folder
 from cxr_fast.metrics import per_class_report
 from cxr_fast.training.checkpoint import load_model
 
@@ -95,7 +94,7 @@ def run_external_analysis(checkpoint: Path, predictions: Path, labels: Path, out
         curves = plot_curves(scored.targets, probs, info.thresholds, info.classes, out / "curves")
         clinical = clinical_sections(metrics, scored, manifest, config, out / "curves")
         metrics["localization"] = None
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+        (out / "metrics.json").write_text(dump_json(metrics))
         write_analysis_report(out, metrics, curves, {"fp": [], "fn": []}, None, clinical)
     log.info("external analysis of %d images: macro AUROC %.4f", len(keys), metrics["macro"]["auroc"])
     return metrics

@@ -35,8 +35,13 @@ def test_whole_command_on_the_cpu(tiny_run, synth_shards, tmp_path):
     assert len(predictions) == test_count and predictions["image_index"].is_unique
     assert list(predictions.columns) == ["image_index"] + [f"{kind}_{c}" for kind in ("prob", "calibrated")
                                                             for c in nih.CLASSES]
-    metrics = json.loads((out / "metrics.json").read_text())
+    def refuse(constant):  # NaN and Infinity are not JSON: a strict parser (JavaScript's) fails on them
+        raise ValueError(f"metrics.json holds {constant}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
     assert set(metrics["classes"]) == set(nih.CLASSES)
+    undefined = [c for c, m in metrics["classes"].items() if m.get("auroc") is None]
+    assert all(m["auroc"] is None or 0 <= m["auroc"] <= 1 for m in metrics["classes"].values()), undefined
     report = (out / "report.md").read_text()
     assert all(f"| {c} |" in report for c in nih.CLASSES)
     assert (out / "curves/roc_all.png").exists() and (out / "curves/pr_Hernia.png").exists()
@@ -152,3 +157,12 @@ def test_gradcam_inputs_are_the_images_the_model_scored(tiny_run, synth_shards):
         for key in chosen:
             again = torch.sigmoid(model(model_input(collector.images[key], info.config.data, torch.device("cpu"))))
             np.testing.assert_allclose(again[0].numpy(), result["probs"][row[key]], atol=1e-5)
+
+
+def test_undefined_numbers_are_written_as_null():
+    import numpy as np
+
+    from cxr_fast.files import dump_json
+
+    text = dump_json({"auroc": float("nan"), "ece": np.float32(0.5), "rows": np.array([1.0, np.inf])})
+    assert json.loads(text, parse_constant=lambda c: 1 / 0) == {"auroc": None, "ece": 0.5, "rows": [1.0, None]}
