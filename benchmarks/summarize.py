@@ -115,7 +115,7 @@ def _profiles(records: list[dict]) -> None:
               f"idle {_pct(r['idle_share'])} of the wall time.\n")
         print("| class | seconds | share of busy time |\n|---|---:|---:|")
         for name, share in sorted(r["share"].items(), key=lambda item: -item[1]):
-            print(f"| {name} | {r['seconds'][name]:.4f} | {_pct(share)} |")
+            print(f"| {name} | {_num(r.get('seconds', {}).get(name), '.4f')} | {_pct(share)} |")
         print("\n| top kernels | class | seconds |\n|---|---|---:|")
         for k in r.get("top", r.get("top_kernels", [])):
             print(f"| `{k['name'][:80]}` | {k.get('class', '')} | {k['seconds']:.4f} |")

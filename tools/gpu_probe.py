@@ -89,11 +89,15 @@ class Probe:
         self.size, self.work, self.record, self.clock = size, work, record, clock
         self.shards: dict[str, Path] = {}
 
-    def cxr_fast(self, args: list, cache: str) -> subprocess.CompletedProcess:
-        """The CLI in a process of its own, with a compile cache of its own name below the work folder."""
+    def process(self, argv: list, cache: str) -> subprocess.CompletedProcess:
+        """A command in a process of its own, with a compile cache of its own name below the work folder, limited
+        to the call's time left."""
         env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "cache" / cache))
-        return subprocess.run([sys.executable, "-m", "cxr_fast", *map(str, args)], capture_output=True, text=True,
+        return subprocess.run(list(map(str, argv)), capture_output=True, text=True,
                               timeout=max(1.0, self.clock.left()), check=True, env=env)
+
+    def cxr_fast(self, args: list, cache: str) -> subprocess.CompletedProcess:
+        return self.process([sys.executable, "-m", "cxr_fast", *args], cache)
 
     def data(self) -> None:
         size, started = self.size, time.perf_counter()
@@ -111,9 +115,7 @@ class Probe:
         for compiled in (False, True):
             args = [sys.executable, __file__, "--profile", "compiled" if compiled else "eager"]
             args += ["--rehearse"] if self.size is SIZES["rehearse"] else []
-            env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "cache" / f"profile-{compiled}"))
-            done = subprocess.run(args, capture_output=True, text=True, timeout=max(1.0, self.clock.left()),
-                                  check=True, env=env)
+            done = self.process(args, cache=f"profile-{compiled}")
             self.record("profile", model=self.size["model"], image_size=self.size["side"],
                         micro_batch=self.size["micro_batch"], compiled=compiled,
                         **json.loads(done.stdout.splitlines()[-1]))
@@ -178,10 +180,11 @@ class Probe:
             self.cxr_fast(["train", "--shards", self.shards["jpeg"], "--out", out, "--overwrite", "--config", config,
                            "--model", size["model"], "--no-pretrained", "--image-size", size["side"], "--epochs", 3,
                            "--compile", "--compile-cache", cache, "--workers", size["workers"]], cache="run")
-            process_seconds = time.perf_counter() - started
-            for record in _metrics(out):
-                self.record("run", attempt=attempt, cache_files_before=files_before, cache_files_after=_files(cache),
-                            process_seconds=process_seconds, expected_graphs=_expected_graphs(out, record), **record)
+            process_seconds, files_after, records = time.perf_counter() - started, _files(cache), _metrics(out)
+            for record in records:
+                self.record("run", attempt=attempt, cache_files_before=files_before, cache_files_after=files_after,
+                            process_seconds=process_seconds, expected_graphs=_expected_graphs(records, record),
+                            **record)
 
 
 def _without_machine(result: dict) -> dict:
@@ -195,9 +198,9 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: r.get(k) for k in keep} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
-def _expected_graphs(run: Path, record: dict) -> int:
+def _expected_graphs(records: list[dict], record: dict) -> int:
     """Compiled graphs after this epoch: one per training side so far, and one for evaluation once validated."""
-    done = [r for r in _metrics(run) if r["epoch"] <= record["epoch"]]
+    done = [r for r in records if r["epoch"] <= record["epoch"]]
     return len({r["image_side"] for r in done}) + any(r.get("val_images") for r in done)
 
 

@@ -115,28 +115,30 @@ def classify_event(event, kernel: str = "") -> str:
     return classify_kernel(kernel or event.name)
 
 
-def attribute(events, on_device: bool) -> dict[str, float]:
-    """Seconds per class: each CPU operator's own time, or on a GPU the time of the kernels it launched."""
-    seconds = dict.fromkeys(CLASSES, 0.0)
+def timed(events, on_device: bool):
+    """(name, class, seconds) of each piece of work: each CPU operator's own time (named with its input shapes), or
+    on a GPU each kernel it launched."""
     for event in events:
         if on_device:
             for kernel in getattr(event, "kernels", []) or []:
-                seconds[classify_event(event, kernel.name)] += kernel.duration / 1e6
+                yield kernel.name, classify_event(event, kernel.name), kernel.duration / 1e6
         elif event.self_cpu_time_total > 0 and event.device_type == torch.autograd.DeviceType.CPU:
-            seconds[classify_event(event)] += event.self_cpu_time_total / 1e6
+            yield f"{event.name} {getattr(event, 'input_shapes', '')}", classify_event(event), \
+                event.self_cpu_time_total / 1e6
+
+
+def attribute(events, on_device: bool) -> dict[str, float]:
+    """Seconds per class."""
+    seconds = dict.fromkeys(CLASSES, 0.0)
+    for _name, label, spent in timed(events, on_device):
+        seconds[label] += spent
     return seconds
 
 
 def _top(events, on_device: bool, count: int = 15) -> list[dict]:
     times: dict[tuple, float] = {}
-    for event in events:
-        if on_device:
-            for kernel in getattr(event, "kernels", []) or []:
-                key = (kernel.name[:160], classify_event(event, kernel.name))
-                times[key] = times.get(key, 0.0) + kernel.duration / 1e6
-        elif event.self_cpu_time_total > 0:
-            key = (f"{event.name} {getattr(event, 'input_shapes', '')}"[:160], classify_event(event))
-            times[key] = times.get(key, 0.0) + event.self_cpu_time_total / 1e6
+    for name, label, spent in timed(events, on_device):
+        times[name[:160], label] = times.get((name[:160], label), 0.0) + spent
     top = sorted(times.items(), key=lambda kv: -kv[1])[:count]
     return [{"name": name, "class": label, "seconds": spent} for (name, label), spent in top]
 
@@ -149,7 +151,7 @@ def profile_training(run: RunConfig, steps: int, warmup: int = 3) -> dict:
     on_device = device.type == "cuda"
     state, _model = build_trainer(run, device, tuple(nih.CLASSES), run.optim.batch_size * (warmup + steps))
     spec = LoaderSpec("", "train", run.data, batch_size=run.optim.batch_size, device=device)
-    accum = run.optim.accum
+    accum = state.accum
     train_one_epoch(state, SyntheticLoader(spec, warmup * accum, len(state.classes)), warmup * accum,
                     show_progress=False, warmup_steps=warmup)
     state.batch_in_epoch = 0

@@ -36,18 +36,10 @@ PER_IMAGE_TERMS = ("train_seconds", "validation_seconds")  # what more GPUs divi
 FIXED_TERMS = ("startup_seconds", "compile_seconds", "loader_build_seconds", "checkpoint_seconds")
 
 
-def recipe_run_config(config: BenchRecipeConfig) -> RunConfig:
-    """The run the recipe describes, with its accumulation resolved as `cxr-fast train` resolves it."""
-    optim = config.run.optim
-    if optim.accum != "auto":
-        return config.run
-    return replace(config.run, **{"optim.accum": optim.effective_batch // optim.batch_size})
-
-
 def _measure_side(state, run: RunConfig, side: int, config: BenchRecipeConfig) -> dict:
     """The shipped loop at one side: `warmup` optimizer steps (compilation, autotuning), then `steps` timed."""
     data = replace(run.data, image_size=side)
-    accum = run.optim.accum
+    accum = state.accum  # resolved from the effective batch, as the run resolves it
     batches = (config.warmup + config.steps) * accum
     loader = SyntheticLoader(LoaderSpec("", "train", data, batch_size=run.optim.batch_size, device=state.device),
                              batches, len(state.classes))
@@ -130,7 +122,7 @@ def bench_recipe(config: BenchRecipeConfig = BenchRecipeConfig()) -> dict:
     wall time of the recipe (progressive as given, and fixed at the full side), term by term."""
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = recipe_run_config(config)
+    run = config.run
     sides = epoch_sides(run)
     state, model = build_trainer(run, device, tuple(nih.CLASSES), config.images)
     synchronize(device)

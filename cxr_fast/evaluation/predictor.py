@@ -62,6 +62,7 @@ class Predictor:
     def __init__(self, model, data: DataConfig, classes: list[str], points: dict, calibration: dict | None,
                  config: PredictConfig):
         self.model, self.data, self.classes, self.calibration = model, data, classes, calibration
+        self.preprocessing = Preprocessing.of(data)
         self.points = {name: np.asarray(values, dtype=np.float64) for name, values in points.items()}
         if config.operating_point not in self.points:
             raise CxrFastError(f"--operating-point {config.operating_point}: this model has "
@@ -128,7 +129,7 @@ class Predictor:
     def tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         """Processed uint8 images → the normalised model input on the model's device."""
         batch = torch.from_numpy(np.stack(images)[:, None]).to(self.device)
-        return Preprocessing.of(self.data).normalize(batch)
+        return self.preprocessing.normalize(batch)
 
     def probabilities(self, inputs: torch.Tensor) -> np.ndarray:
         """Sigmoid outputs (N, classes) of normalised inputs; an input that was not preprocessed is refused."""
@@ -136,7 +137,7 @@ class Predictor:
         if inputs.ndim != 4 or tuple(inputs.shape[1:]) != (chans, side, side) or not inputs.is_floating_point():
             raise CxrFastError(f"a model input must be a float tensor N x {chans} x {side} x {side} (preprocessed: "
                                f"Predictor.prepare), got {tuple(inputs.shape)} {inputs.dtype}")
-        low, high = Preprocessing.of(self.data).input_range()
+        low, high = self.preprocessing.input_range()
         if float(inputs.min()) < low or float(inputs.max()) > high:
             raise CxrFastError(f"model input values must lie in [{low:.3f}, {high:.3f}] (8-bit gray normalised); got "
                                f"[{float(inputs.min()):.3f}, {float(inputs.max()):.3f}]: not preprocessed")

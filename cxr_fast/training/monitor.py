@@ -115,8 +115,8 @@ PARTS = ("start", "loader_build", "loader_start", "warmup", "timed", "validation
 
 
 class EpochLedger:
-    def __init__(self, started: float | None = None):
-        self.mark = time.perf_counter() if started is None else started
+    def __init__(self):
+        self.mark = time.perf_counter()  # where the current epoch's span began
         self.parts = dict.fromkeys(PARTS, 0.0)
         self.began = False
 

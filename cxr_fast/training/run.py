@@ -91,6 +91,7 @@ class Run:
         self.stop = _StopFlag(config.max_steps, self.state, env)
         self.sides = self.plan.sides
         self.loaders, self.ledger = RunLoaders(shards_dir, config, env), EpochLedger()
+        self.peak = device_peak(env.device)[1]  # FLOP/s, None where not known (a CPU)
         self.flops = self._flops(model)
         self.validated = validated_epochs(config.optim.epochs, config.val_every)
         self.last_val = resumed.get("val") if resumed is not None else None  # the record `chosen` came from
@@ -197,7 +198,7 @@ class Run:
     def _flops(self, model) -> dict[int, float]:
         """Training FLOPs per image at each side of the schedule, where the device's peak is known (MFU's parts);
         counted on the plain model with the RNG put back, so the run trains as it would without them."""
-        if device_peak(self.env.device)[1] is None:
+        if self.peak is None:
             return {}
         with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
             return {side: training_flops_per_image(unwrap(model), self.config.data.in_chans, side,
@@ -209,7 +210,6 @@ class Run:
         if stats is None:
             return {"train_images_per_second": None, "data_wait_fraction": None, "warmup_steps": None}
         compiled = resolve_compile(self.config.model, self.env.device)
-        _gpu, peak = device_peak(self.env.device)
         flops = self.flops.get(self.sides[self.state.epoch - 1])
         rate = stats.images_per_second
         return {"train_images_per_second": rate, "data_wait_fraction": stats.data_wait_fraction,
@@ -217,7 +217,7 @@ class Run:
                 "timed_steps": stats.timed_steps, "warmup_steps": stats.warmup_steps, "train_images": stats.images,
                 "compile_seconds": stats.warmup_overhead_seconds if compiled else None,
                 "compiled_graphs": compiled_graphs() if compiled else None,
-                "mfu": rate * flops / (peak * self.env.world_size) if flops and peak else None}
+                "mfu": rate * flops / (self.peak * self.env.world_size) if flops else None}
 
     def stopped(self) -> dict:
         self.save()
@@ -270,7 +270,7 @@ def run_training(config: RunConfig, shards_dir: str | Path, out_dir: str | Path,
         previous_handler = run = None
         try:
             run = Run(config, Path(shards_dir), out_dir, env, resumed, show_progress)
-            run.ledger.mark = started  # the first epoch's `start` counts the whole set-up
+            run.ledger.mark = started  # the first epoch's `start` counts the whole set-up, from here
             run.start(replaced)
             previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run.stop, "requested", True))
             return run.loop()

@@ -194,13 +194,15 @@ def set_up_training(config: RunConfig, manifest: dict, env: Env, resumed: dict |
 def build_trainer(config: RunConfig, device: torch.device, classes: tuple[str, ...], train_images: int):
     """(TrainState, model) for one process as `cxr-fast train` builds them, for the measurements (`bench train`,
     `bench recipe`, the GPU probe): the model (compiled where the run would be, one graph per side of its schedule),
-    fused AdamW on CUDA, cuDNN's autotuning as set, the run's schedule over `train_images` an epoch, the scaler and
-    the focal loss over `classes`."""
+    the micro-batch and accumulation resolved as the run resolves them (`state.accum`), fused AdamW on CUDA, cuDNN's
+    autotuning as set, the run's schedule over `train_images` an epoch, the scaler and the focal loss over
+    `classes`."""
     env = Env(0, 1, device, resolve_amp(config.amp, device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     torch.manual_seed(config.seed)  # the run's initial weights: settings compared in two processes start alike
     model, ema = build_model(config, env, None, len(classes))
+    config = resolve_batch(config, model, device, env.amp_dtype)
     plan = plan_epochs(config, {"classes": list(classes), "splits": {"train": {"images": train_images}}}, 1)
     return build_state(config, plan, env, model, ema, FocalLoss(config.optim.focal_gamma)), model
 

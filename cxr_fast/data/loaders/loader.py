@@ -36,7 +36,6 @@ from cxr_fast.data.loaders.transforms import process_gray
 from cxr_fast.errors import CxrFastError
 
 
-
 @dataclass(frozen=True)
 class LoaderSpec:
     """What a loader reads and makes: one split of a shard set, as batches for one rank on one device.
@@ -167,8 +166,8 @@ class _Loader:
     """What both loaders share: the batch count and the last step, uint8 on the device → Batch."""
 
     def __init__(self, spec: LoaderSpec, batches: int):
-        self.config, self.device, self.normalize, self.batches = spec.data, torch.device(spec.device), \
-            spec.normalize, batches
+        self.device, self.batches = torch.device(spec.device), batches
+        self.preprocessing = Preprocessing.of(spec.data) if spec.normalize else None  # None: uint8 batches
 
     def __len__(self):
         return self.batches
@@ -176,7 +175,7 @@ class _Loader:
     def _batch(self, images_u8: torch.Tensor, labels: torch.Tensor, keys: list[str],
                mask: torch.Tensor | None = None) -> Batch:
         images = images_u8.to(self.device, non_blocking=True)
-        images = Preprocessing.of(self.config).normalize(images) if self.normalize else images
+        images = self.preprocessing.normalize(images) if self.preprocessing is not None else images
         targets = labels.to(self.device, non_blocking=True).float()
         if mask is not None:
             targets = targets.masked_fill(mask.to(self.device, non_blocking=True) == 0, float("nan"))
