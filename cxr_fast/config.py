@@ -30,7 +30,7 @@ FAST_NORM_HELP = ("LayerNorm in the autocast dtype (bf16), not float32 with cast
 
 @dataclass(frozen=True)
 class SynthConfig(Checked):
-    """The synthetic data set (`cxr-fast synth`), in the layout of NIH, CheXpert or MIMIC-CXR-JPG."""
+    """The synthetic data set (`cxr-fast synth`), in the layout of NIH, CheXpert, MIMIC-CXR-JPG or PadChest."""
 
     SECTION: ClassVar[str] = "synth"
     layout: str = setting("nih", "The data set whose files, folders and table columns are written (a layout of "
@@ -70,9 +70,14 @@ class ShardConfig(Checked):
                                     "zeros:*' (ignore: masked, zeros, ones; * every other class); default: the "
                                     "data set's own.", flag="--uncertain")
     blank: str = setting("negative", "What a blank (not mentioned) label is: negative, as CheXpert's paper "
-                         "trains, or masked.", flag="--blank", choices=("negative", "masked"))
+                         "trains; masked, except on images whose No Finding is 1 (torchxrayvision's rule); or "
+                         "masked-all.", flag="--blank", choices=("negative", "masked", "masked-all"))
     views: str | None = setting(None, "Views kept, e.g. 'PA,AP' or 'all'; default: the data set's own (frontal "
-                                "for CheXpert and MIMIC-CXR-JPG).", flag="--views")
+                                "for CheXpert, MIMIC-CXR-JPG and PadChest).", flag="--views")
+    relabel: str | None = setting(None, "YAML mapping class names to shared ones or null (drop), over the data "
+                                  "sets' own synonyms (README, 'Merging data sets').", flag="--relabel")
+    classes: str | None = setting(None, "Keep only these classes, e.g. 'Effusion,Cardiomegaly' (names after the "
+                                  "map); default: all.", flag="--classes")
     on_error: str = setting("fail", "fail: stop at a bad input, remove this run's shards; skip: leave it out, "
                             "list it in the manifest.", flag="--on-error", choices=("fail", "skip"))
     max_pixels: int = setting(MAX_PIXELS, "Largest source image accepted (width x height, checked in the header "

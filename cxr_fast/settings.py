@@ -194,12 +194,33 @@ def replace(config: Any, **changes: Any) -> Any:
     return dataclasses.replace(config, **direct)
 
 
+MAX_YAML_BYTES = 1_000_000  # a config, spec or relabel file is a page of settings; anything larger is not one
+
+
+def load_plain_yaml(path: str | Path, what: str):
+    """The value of a small YAML file read with the safe loader, refusing what can make a few bytes expand without
+    bound (anchors and aliases: a 400-byte "billion laughs" file becomes gigabytes) and files over MAX_YAML_BYTES
+    or not regular; errors name the file and `what` it is, cut short."""
+    path = Path(path)
+    try:
+        if not path.resolve().is_file():
+            raise ConfigError(f"{what} {path} is not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise ConfigError(f"{what} {path} is over {MAX_YAML_BYTES:,} bytes: not a settings file")
+        text = data.decode("utf-8")
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+                raise ConfigError(f"{what} {path}: YAML anchors and aliases (&, *) are not accepted; write values out")
+        return yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read {what} {path}: {str(error)[:300]}") from None
+
+
 def read_yaml(path: str | Path, cls: type):
     """`cls` from a YAML file of any subset of its fields; an unreadable file or a bad value names the file."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from None
+    values = load_plain_yaml(path, "config") or {}
     try:
         return from_dict(cls, values, where=str(path))
     except ConfigError as error:

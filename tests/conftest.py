@@ -30,6 +30,28 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chexpert_dir(tmp_path_factory) -> Path:
+    """A synthetic CheXpert-v1.0-small layout: train.csv, valid.csv and the JPEG folders."""
+    from cxr_fast.config import SynthConfig
+    from cxr_fast.data.synth import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("chexpert")
+    write_synthetic_dataset(out, SynthConfig(layout="chexpert", n_images=72, source_size=96, seed=5, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mimic_dir(tmp_path_factory) -> Path:
+    """A synthetic MIMIC-CXR-JPG layout: files/ and the chexpert, metadata, split and patients tables."""
+    from cxr_fast.config import SynthConfig
+    from cxr_fast.data.synth import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("mimic")
+    write_synthetic_dataset(out, SynthConfig(layout="mimic-cxr-jpg", n_images=60, source_size=96, seed=6, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def synth_shards(synth_dir, tmp_path_factory) -> Path:
     from cxr_fast.config import ShardConfig
     from cxr_fast.data.shards.writer import ShardInput, write_shards

@@ -174,7 +174,7 @@ def test_dicom_files_named_by_uid_are_found(synth_dir, tmp_path):
     pd.DataFrame({"Image Index": names, "Finding Labels": "No Finding", "Patient ID": [str(i) for i in range(10)]}
                  ).to_csv(tmp_path / "t.csv", index=False)
     manifest = write_shards(ShardInput(images, tmp_path / "t.csv"), ShardConfig(out=str(tmp_path / "s"), val_fraction=0.2))
-    assert manifest["rows_without_image"] == 0 and sum(s["images"] for s in manifest["splits"].values()) == 10
+    assert manifest["dropped"] == {} and sum(s["images"] for s in manifest["splits"].values()) == 10
 
 
 # 3 ------------------------------------------------------------------------------ tampered manifests and members

@@ -16,7 +16,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from cxr_fast.calibration import expected_calibration_error
 from cxr_fast.cli import cli
 from cxr_fast.config import SynthConfig
-from cxr_fast.data.datasets import chexpert, nih
+from cxr_fast.data.datasets import nih
+from cxr_fast.data.datasets.vocabulary import NO_FINDING
 from cxr_fast.data.synth import write_synthetic_dataset
 from cxr_fast.metrics import average_precision, per_class_report, roc_auc
 from cxr_fast.training.checkpoint import load_checkpoint
@@ -76,37 +77,44 @@ def test_metrics_skip_unstated_labels_and_equal_sklearn_on_the_stated_ones():
         "undefined"]
 
 
-@pytest.mark.parametrize("layout, fit", [("chexpert", "pad"), ("mimic-cxr-jpg", "squash")])
+@pytest.mark.parametrize("layout, fit", [("chexpert", "pad"), ("mimic-cxr-jpg", "squash"), ("padchest", "pad")])
 def test_shard_train_analyze_predict_export_on_a_layout(layout, fit, tmp_path):
     labels = write_synthetic_dataset(tmp_path / "data", SynthConfig(layout=layout, n_images=80, source_size=96,
                                                                     seed=2, workers=2))
+    policy = ["--uncertain", "ignore:Edema zeros:*"] if layout != "padchest" else []
     _run(["shard", "--dataset", layout, "--images", tmp_path / "data", "--labels", labels, "--out",
-          tmp_path / "shards", "--uncertain", "ignore:Edema zeros:*", "--val-fraction", "0.25", "--shard-size", "32"])
+          tmp_path / "shards", *policy, "--val-fraction", "0.25", "--shard-size", "32"])
+    classes = json.loads((tmp_path / "shards" / "manifest.json").read_text())["classes"]
+    assert {"Effusion", NO_FINDING} <= set(classes) and "Pleural Effusion" not in classes  # the shared names
     _run(["train", "--shards", tmp_path / "shards", "--out", tmp_path / "run", *TINY, "--fit", fit])
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
     payload = load_checkpoint(checkpoint)
-    assert payload["class_names"] == list(chexpert.CLASSES) and payload["config"]["data"]["fit"] == fit
+    assert payload["class_names"] == classes and payload["config"]["data"]["fit"] == fit
     _run(["analyze", "--checkpoint", checkpoint, "--shards", tmp_path / "shards", "--out", tmp_path / "analysis",
           "--bootstrap", "0", "--top-k", "1"])
     metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
-    assert list(metrics["classes"]) == list(chexpert.CLASSES)
+    assert list(metrics["classes"]) == classes
     assert metrics["classes"]["Edema"]["images"] <= metrics["images"]
     report = (tmp_path / "analysis" / "report.md").read_text()
-    assert "| Pleural Effusion |" in report
-    films = sorted((tmp_path / "data").rglob("*.jpg"))[:3]
+    assert "| Effusion |" in report
+    said = {"chexpert": "consensus of three radiologists", "mimic-cxr-jpg": "by the CheXpert labeler",
+            "padchest": "by physicians for 27%"}[layout]
+    assert f"Labels of the **test** partition — {layout}: " in report and said in report  # the test split's source
+    films = sorted(p for p in (tmp_path / "data").rglob("*") if p.suffix in (".jpg", ".png"))[:3]
     (tmp_path / "new").mkdir()
     for number, film in enumerate(films):
-        (tmp_path / "new" / f"{number}.jpg").write_bytes(film.read_bytes())
+        (tmp_path / "new" / f"{number}{film.suffix}").write_bytes(film.read_bytes())
     _run(["predict", "--checkpoint", checkpoint, "--out", tmp_path / "predictions", "--cam", tmp_path / "new"])
-    table = pd.read_csv(tmp_path / "predictions" / "predictions.csv")
-    assert [f"prob_{c}" for c in chexpert.CLASSES] == [c for c in table.columns if c.startswith("prob_")]
-    assert (table["error"].isna()).all()
+    table = pd.read_csv(tmp_path / "predictions" / "predictions.csv", keep_default_na=False)
+    assert [f"prob_{c}" for c in classes] == [c for c in table.columns if c.startswith("prob_")]
+    assert (table["error"] == "").all()
+    assert not any(NO_FINDING in findings.split("|") for findings in table["findings"])  # a state, not a finding
     _run(["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"])
     exported = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert exported["classes"] == list(chexpert.CLASSES) and exported["preprocessing"]["fit"] == fit
+    assert exported["classes"] == classes and exported["preprocessing"]["fit"] == fit
     _run(["predict", "--checkpoint", tmp_path / "export" / "model.onnx", "--out", tmp_path / "onnx", tmp_path / "new"])
     onnx = pd.read_csv(tmp_path / "onnx" / "predictions.csv")
-    columns = [f"prob_{c}" for c in chexpert.CLASSES]
+    columns = [f"prob_{c}" for c in classes]
     np.testing.assert_allclose(onnx[columns].to_numpy(), table[columns].to_numpy(), atol=1e-3)
 
 
@@ -119,10 +127,12 @@ def test_a_merged_nih_and_chexpert_set_trains_on_the_union_and_reports_each(synt
     _run(["train", "--shards", tmp_path / "shards", "--out", tmp_path / "run", *TINY])
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
     classes = load_checkpoint(checkpoint)["class_names"]
-    assert classes[:14] == list(nih.CLASSES) and set(chexpert.CLASSES) <= set(classes)
+    assert classes[:14] == list(nih.CLASSES) and "Pleural Effusion" not in classes
     _run(["analyze", "--checkpoint", checkpoint, "--shards", tmp_path / "shards", "--out", tmp_path / "analysis",
           "--bootstrap", "0", "--top-k", "0"])
     metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
     assert set(metrics["datasets"]) == {"nih", "chexpert"}
     assert "Hernia" not in metrics["datasets"]["chexpert"]["auroc"]  # not stated there
-    assert "## Per data set" in (tmp_path / "analysis" / "report.md").read_text()
+    assert all("Effusion" in metrics["datasets"][name]["auroc"] for name in ("nih", "chexpert"))  # one effusion
+    report = (tmp_path / "analysis" / "report.md").read_text()
+    assert "## Per data set" in report and "Pleural Effusion" not in report

@@ -10,10 +10,13 @@ import click
 from cxr_fast.cli.options import build_config, config_file_option, config_option, config_options
 from cxr_fast.config import DataConfig, PreviewConfig, RunConfig, ShardConfig, SynthConfig
 from cxr_fast.data.datasets import DATASETS, Request, read_dataset
+from cxr_fast.data.datasets.base import check_uncertain_names
 from cxr_fast.data.datasets.eda import write_eda_report
+from cxr_fast.data.datasets.vocabulary import read_relabel
 from cxr_fast.data.loaders.preview import write_preview
 from cxr_fast.data.synth import LAYOUTS, write_synthetic_dataset
 from cxr_fast.data.shards.verify import verify
+from cxr_fast.data.shards.inputs import NO_ROW
 from cxr_fast.data.shards.writer import ShardInput, write_shards
 
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -54,8 +57,8 @@ def synth(out: Path, **settings) -> None:
               help="Official test_list.txt (default: the one beside --labels, if any).")
 @click.option("--train-val-list", type=EXISTING_FILE,
               help="Official train_val_list.txt (default: the one beside --labels, if any).")
-@config_options(ShardConfig, "uncertain", "blank", "views", "val_fraction", "test_fraction", "shard_size", "encoding",
-                "jpeg_quality", "resize", "seed", "on_error", "max_pixels", "workers")
+@config_options(ShardConfig, "uncertain", "blank", "views", "relabel", "classes", "val_fraction", "test_fraction",
+                "shard_size", "encoding", "jpeg_quality", "resize", "seed", "on_error", "max_pixels", "workers")
 @click.option("--overwrite", is_flag=True, help="Replace a complete shard set in --out made with other settings.")
 @config_file_option(ShardConfig)
 def shard(datasets, images, labels, spec, test_list, train_val_list, overwrite, **settings) -> None:
@@ -75,8 +78,10 @@ def shard(datasets, images, labels, spec, test_list, train_val_list, overwrite, 
     manifest = write_shards(inputs, config, overwrite)
     counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
                        for name, s in manifest["splits"].items())
-    click.echo(f"{config.out}: {counts}; {len(manifest['skipped'])} skipped; "
-               f"{manifest['rows_without_image']} table rows had no image")
+    dropped = ", ".join(f"{reason} {entry['count']}" for reason, entry in manifest["dropped"].items()) or "none"
+    orphans = sum(entry["reason"] == NO_ROW for entry in manifest["skipped"])
+    click.echo(f"{config.out}: {counts}; of {manifest['table_rows']} table rows left out: {dropped}"
+               + (f"; {orphans} image(s) without a table row skipped" if orphans else ""))
 
 
 @click.command("verify")
@@ -96,10 +101,16 @@ def verify_command(shards_dir: Path, deep: bool) -> None:
 @click.option("--labels", type=EXISTING_FILE, required=True, help="The data set's label table (as for shard).")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), help="The description that reads it (default nih).")
 @click.option("--spec", type=EXISTING_FILE, help="--dataset table: the YAML naming its columns.")
+@config_options(ShardConfig, "uncertain", "blank", "views", "relabel")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def eda(labels: Path, dataset: str, spec: Path | None, out: Path) -> None:
-    """Exploratory report of a label table: prevalence, co-occurrence, demographics."""
-    table = read_dataset(dataset or "nih", Request(labels.parent, labels, spec=spec))
+def eda(labels: Path, dataset: str, spec: Path | None, out: Path, **settings) -> None:
+    """Exploratory report of a data set's labels, per source table: positive, negative, uncertain and blank
+    counts per class, prevalence under the same policies as shard, co-occurrence, demographics."""
+    config = build_config(ShardConfig, settings)
+    request = Request(labels.parent, labels, config.uncertain, config.blank, config.views, spec,
+                      relabel=read_relabel(config.relabel and Path(config.relabel)))
+    table = read_dataset(dataset or "nih", request)
+    check_uncertain_names(config.uncertain, tuple(table.applied["class_map"]))
     path = write_eda_report(table, out, str(labels))
     click.echo(f"wrote {path}")
 

@@ -67,9 +67,10 @@ def predict_command(inputs, checkpoint, out, overwrite, **settings) -> None:
     """Score new images: PNG, JPEG or DICOM files, or folders of them (searched recursively).
 
     Writes OUT/predictions.csv: image, prob_<Class> (the model's output), calibrated_<Class> (where the checkpoint
-    carries a calibration), findings (the classes at or above the thresholds of --operating-point, chosen on
-    validation, or No Finding), error, operating_point, warning and, for DICOM, the SOP and Study Instance UIDs and
-    the view position. Exits with code 1 when some input could not be scored (its row says why); the others are
+    carries a calibration), findings (the findings at or above the thresholds of --operating-point, chosen on
+    validation; empty when none), no_finding_called (the No Finding output where the model has one, else no
+    finding called), error, operating_point, warning and, for DICOM, the SOP and Study Instance UIDs and the view
+    position. Exits with code 1 when some input could not be scored (its row says why); the others are
     still scored.
     """
     table = predict(checkpoint, list(inputs), out, build_config(PredictConfig, settings), overwrite)

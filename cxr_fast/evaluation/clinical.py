@@ -5,8 +5,9 @@ operating points chosen on validation, and does it fail some patients more than 
 - Operating points: max-F1, sensitivity >= 0.90 and specificity >= 0.90, each chosen on validation (stored in the
   checkpoint) and reported on the analysed split with sensitivity, specificity, PPV and NPV.
 - Subgroups (sex, age band, view): per class AUROC with patient-bootstrap 95% intervals, true- and false-positive
-  rates at the max-F1 threshold, the rate at which images with a finding are called "No Finding"
-  (under-diagnosis), and the gaps between groups. Small groups are reported with their counts and marked, never
+  rates at the max-F1 threshold, under-diagnosis as Seyyed-Kalantari et al. (2021) define it — among images with at
+  least one finding, the share the model calls "no finding" (its No Finding output where it has one, else no finding
+  called) — and the gaps between groups. Small groups are reported with their counts and marked, never
   dropped.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 from cxr_fast import constants as C
 from cxr_fast.calibration import apply_calibration, expected_calibration_error, reliability
 from cxr_fast.data.datasets.labels import age_band
+from cxr_fast.data.datasets.vocabulary import findings_of, no_finding_called
 from cxr_fast.metrics import bootstrap_auc_intervals, confusion_stats, roc_auc
 
 # Below these counts a group's rates rest on too few images to compare: shown, marked small, left out of gaps.
@@ -64,14 +66,14 @@ def subgroup_columns(samples: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def _group(y, probs, thresholds, patients, n_boot: int, classes: list[str]) -> dict:
-    predicted = probs >= thresholds[None, :]
     positives = np.nansum(y, axis=0).astype(int)
     intervals = bootstrap_auc_intervals(y, probs, patients, n_boot) if n_boot else None
-    ill = (np.nan_to_num(y) > 0).any(axis=1)  # a stated finding
+    ill = (np.nan_to_num(y[:, findings_of(classes)]) > 0).any(axis=1)  # a stated finding (No Finding is none)
+    healthy_called = no_finding_called(classes, probs >= thresholds[None, :])
     entry = {"images": int(len(y)), "patients": int(len(np.unique(patients))),
              "positives": {n: int(p) for n, p in zip(classes, positives)}, "auroc": {}, "auroc_ci95": {},
              "tpr": {}, "fpr": {},
-             "underdiagnosis": _finite((~predicted[ill].any(axis=1)).mean() if ill.any() else np.nan),
+             "underdiagnosis": _finite(healthy_called[ill].mean() if ill.any() else np.nan),
              "images_with_a_finding": int(ill.sum()), "small": bool(len(y) < SMALL_GROUP_IMAGES)}
     for c, name in enumerate(classes):
         stats = confusion_stats(y[:, c], probs[:, c], thresholds[c])

@@ -63,17 +63,25 @@ def _source_line(entry: dict) -> str:
     return f"- Source{name}: `{entry.get('labels')}` with images from `{entry.get('images')}`."
 
 
+def _label_sources(sources: list[dict], split: str) -> str:
+    """Where the labels of `split` come from, per data set, as its description says (recorded in the manifest)."""
+    parts = []
+    for entry in sources:
+        said = entry.get("label_source") or {}
+        parts.append(f"{entry.get('dataset') or 'the table'}: {said.get(split) or 'as its table gives them'}")
+    return (f"- Labels of the **{split}** partition — {'; '.join(parts)}. The analysis reads them from the tables; "
+            "no one re-read the images for it.")
+
+
 def claim_section(manifest: dict, split: str) -> list[str]:
     """Data, partitions and their demographics, as a reporting checklist asks (CLAIM items on data and splits)."""
     sources = manifest.get("datasets") or [{"dataset": "", **manifest["config"]}]
     lines = ["## Data and partitions (CLAIM summary)", "",
-             *map(_source_line, sources),
-             "- Labels come from each data set's table (NIH's, CheXpert's and MIMIC-CXR-JPG's are text-mined from the "
-             "radiology reports), not read by a radiologist for this analysis.",
+             *map(_source_line, sources), _label_sources(sources, split),
              "- Split by patient (no patient in two partitions), keeping a data set's official test split where it "
              "has one (NIH's test list, CheXpert's valid.csv, MIMIC-CXR-JPG's split table); the rest is carved out "
-             f"by patient, stratified by finding. This report is about the **{split}** partition; thresholds and "
-             "calibration come from **val**.", "",
+             "by patient, stratified by the tables' own positive findings (so no label policy moves it). This report "
+             f"is about the **{split}** partition; thresholds and calibration come from **val**.", "",
              "| partition | images | patients | female | male | age mean (median) | 0-19 | 20-39 | 40-59 | 60-79 | 80+ "
              "| PA | AP |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, part in manifest["splits"].items():
@@ -127,7 +135,8 @@ def subgroup_section(subgroups: dict, gaps: dict, figure: str) -> list[str]:
              "Does the model fail some patients more than others? Published audits of ChestX-ray14 classifiers "
              "(Seyyed-Kalantari et al. 2021) found true-positive-rate gaps of up to 0.20 between women and men. Per "
              "group below: images, patients, macro AUROC, and the under-diagnosis rate — the share of images with "
-             "at least one finding that the model calls No Finding at the max-F1 thresholds. Groups under "
+             "at least one finding that the model calls \"no finding\" at the max-F1 thresholds (by its No Finding "
+             "output where it has one, else by calling no finding). Groups under "
              f"{SMALL_GROUP_IMAGES} images are marked *small*: their numbers are shown but too uncertain to compare; "
              "per-class AUROC with patient-bootstrap 95% intervals, TPR and FPR are in `metrics.json` "
              "(`subgroups`).", "",

@@ -3,8 +3,10 @@ images run through `predict`) scored against its label table with the metrics, c
 subgroup audit and report of `analyze`, without sharding it. Thresholds, operating points and calibration are the
 checkpoint's, chosen on its validation split, as for `analyze`. The table is read by a data-set description
 (`--dataset`, NIH's by default); the checkpoint's classes the table lacks count as not stated. Predictions and table
-are joined by file name (of `image`, or `image_index` as `analyze` writes it; of the table's image path); rows with
-an error, and images without a label, are left out and counted in the report."""
+are joined by path: a prediction's `image` (or `image_index` as `analyze` writes it) matches the table row whose
+image path (relative to the images folder) or image name is the longest tail of it, so CheXpert's
+`view1_frontal.jpg` in every study joins by its study's path; rows with an error, and images without a label, are
+left out and counted in the report."""
 
 from __future__ import annotations
 
@@ -42,10 +44,32 @@ def read_predictions(path: Path, classes: list[str]) -> pd.DataFrame:
     if "error" in table:
         table = table[table["error"].fillna("") == ""]
         names = names[table.index]
-    table = table.assign(name=names.astype(str).map(lambda n: Path(n).name)).set_index("name")
+    table = table.assign(name=names.astype(str).map(lambda n: Path(n).as_posix())).set_index("name")
     if table.index.duplicated().any():
-        raise CxrFastError(f"{path}: image name {table.index[table.index.duplicated()][0]!r} occurs twice")
+        raise CxrFastError(f"{path}: image {table.index[table.index.duplicated()][0]!r} occurs twice")
     return table
+
+
+def join_by_path(scored: pd.Index, table: SampleTable, labels: Path) -> tuple[list[str], np.ndarray]:
+    """(prediction names, table rows) matched: each prediction to the table row whose path or image name is the
+    longest tail of the prediction's path (whole components); a table row matched twice is an error."""
+    tails: dict[str, int] = {}
+    for column in ("image", "path"):
+        for row, value in enumerate(table.frame[column]):
+            if isinstance(value, str) and value:
+                tails.setdefault(Path(value).as_posix(), row)
+    names, rows = [], []
+    for name in scored:
+        parts = Path(name).parts
+        found = next((tails[t] for k in range(len(parts)) if (t := "/".join(parts[k:])) in tails), None)
+        if found is not None:
+            names.append(name)
+            rows.append(found)
+    if len(set(rows)) != len(rows):
+        twice = next(r for r in rows if rows.count(r) > 1)
+        raise CxrFastError(f"{labels}: image {table.frame['image'].iloc[twice]!r} matches two predictions; give "
+                           "predict the images below one folder per image path")
+    return names, np.array(rows, dtype=int)
 
 
 def labelled(table: SampleTable, classes: list[str]) -> np.ndarray:
@@ -62,14 +86,10 @@ def run_external_analysis(checkpoint: Path, predictions: Path, labels: Path, out
     _model, info = load_model(checkpoint, "cpu")
     scored_table = read_predictions(Path(predictions), info.classes)
     table = read_dataset(config.dataset, Request(Path(labels).parent, Path(labels)))
-    names = table.frame["path"].fillna(table.frame["image"]).map(lambda n: Path(str(n)).name)
-    if names.duplicated().any():
-        raise CxrFastError(f"{labels}: file name {names[names.duplicated()].iloc[0]!r} occurs twice; predictions are "
-                           "joined by file name")
-    table = table.subset(names.isin(scored_table.index).to_numpy())
-    keys = list(names[names.isin(scored_table.index)])
+    keys, rows = join_by_path(scored_table.index, table, Path(labels))
     if not keys:
-        raise CxrFastError(f"no image of {predictions} has a row in {labels} (joined by file name)")
+        raise CxrFastError(f"no image of {predictions} has a row in {labels} (joined by the image's path)")
+    table = table.subset(rows)
     probs = scored_table.loc[keys, [f"prob_{c}" for c in info.classes]].to_numpy(np.float64)
     rows = pd.DataFrame({"image_index": keys, "patient_id": table.frame["patient"].to_numpy(),
                          "age": table.frame["age"].to_numpy(), "sex": table.frame["sex"].to_numpy(),

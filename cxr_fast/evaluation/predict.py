@@ -25,7 +25,7 @@ from cxr_fast.config import PredictConfig
 from cxr_fast.data.images.source import image_files
 from cxr_fast.errors import CxrFastError
 from cxr_fast.data.loaders.transforms import map_to_source
-from cxr_fast.evaluation.report import NONE_CALLED, file_stem
+from cxr_fast.evaluation.report import file_stem
 from cxr_fast.evaluation.cam import CamExplainer, overlay
 from cxr_fast.evaluation.predictor import Predictor, Prepared
 from cxr_fast.files import atomic_write, claim_output, folder_lock, make_folder
@@ -106,13 +106,15 @@ def _score(predictor: Predictor, paths: list[Path], prepared: list[Prepared], ca
         item = prepared[i]
         row = {"image": str(path)}
         if item.error:
-            row |= {f"prob_{c}": None for c in predictor.classes} | {"findings": "", "error": item.error}
+            row |= {f"prob_{c}": None for c in predictor.classes} | {"findings": "", "no_finding_called": "",
+                                                                     "error": item.error}
         else:
             k = good.index(i)
             result = predictor.result(probs[k], item)
             row |= {f"prob_{c}": p for c, p in result.probabilities.items()}
             row |= {f"calibrated_{c}": p for c, p in (result.calibrated or {}).items()}
-            row |= {"findings": "|".join(result.findings) or NONE_CALLED, "error": ""}
+            row |= {"findings": "|".join(result.findings), "no_finding_called": result.no_finding_called,
+                    "error": ""}
             if cams is not None:
                 _write_cams(cams.explainer, inputs[k:k + 1], item.gray, result.findings, predictor,
                             cams.folder / cams.stems[path])

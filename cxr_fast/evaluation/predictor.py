@@ -4,7 +4,7 @@ preprocessing it was validated with, for scoring new images from Python or the `
     from cxr_fast import Predictor
     predictor = Predictor.load("outputs/run/checkpoints/best.pt")
     result = predictor.predict("chest.dcm")        # a path, a pydicom dataset or a numpy array of any size
-    result.probabilities, result.calibrated, result.findings, result.warnings
+    result.probabilities, result.calibrated, result.findings, result.no_finding_called, result.warnings
 
 Inputs go through what the evaluation used: decode → gray (DICOM rendered as a viewer renders it) → resize
 (INTER_AREA) → CLAHE → normalise. DICOM files that are not projection radiographs (CR, DX, DR, RG) are refused
@@ -23,6 +23,7 @@ import torch
 
 from cxr_fast.calibration import apply_calibration
 from cxr_fast.config import DataConfig, PredictConfig
+from cxr_fast.data.datasets.vocabulary import findings_of, no_finding_called
 from cxr_fast.data.images.dicom import identifiers, render
 from cxr_fast.data.images.source import gray_range_warning, read_gray, to_gray8
 from cxr_fast.data.images.preprocess import Preprocessing
@@ -52,7 +53,8 @@ class Prepared:
 class Prediction:
     probabilities: dict[str, float]
     calibrated: dict[str, float] | None
-    findings: list[str]  # at or above the operating point's thresholds; empty: No Finding
+    findings: list[str]  # the findings at or above the operating point's thresholds (never the No Finding state)
+    no_finding_called: bool  # the No Finding output called where the model has one, else no finding called
     operating_point: str
     warnings: list[str]
     meta: dict
@@ -145,9 +147,12 @@ class Predictor:
 
     def result(self, probs: np.ndarray, prepared: Prepared) -> Prediction:
         calibrated = apply_calibration(probs[None], self.calibration)[0] if self.calibration else None
+        called = probs >= self.thresholds
         return Prediction(dict(zip(self.classes, map(float, probs))),
                           dict(zip(self.classes, map(float, calibrated))) if calibrated is not None else None,
-                          [c for c, p, t in zip(self.classes, probs, self.thresholds) if p >= t],
+                          [c for c, flag, finding in zip(self.classes, called, findings_of(self.classes))
+                           if flag and finding],
+                          bool(no_finding_called(self.classes, called[None])[0]),
                           self.config.operating_point, prepared.warnings, prepared.meta)
 
     def predict(self, image) -> Prediction:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cxr_fast.metrics import confusion_stats, precision_recall_curve, roc_curve, stated  # noqa: E402
+from cxr_fast.data.datasets.vocabulary import findings_of  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -19,13 +20,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-# What a list of findings reads when it holds none (NIH's wording for the empty label vector).
-NONE_CALLED = "No Finding"
+# What a caption's list of findings reads when it holds none: not a class name ("No Finding" is one in CheXpert).
+NONE_CALLED = "(none)"
 
 
 def finding_names(classes: list[str], flags: np.ndarray) -> str:
-    """The names of the flagged classes, "|"-joined as NIH writes them; NONE_CALLED when no class is flagged."""
-    return "|".join(classes[i] for i in np.flatnonzero(flags)) or NONE_CALLED
+    """The names of the flagged findings (the No Finding state left out), "|"-joined as NIH writes them;
+    NONE_CALLED when none is flagged."""
+    return "|".join(classes[i] for i in np.flatnonzero(flags & findings_of(classes))) or NONE_CALLED
 
 
 def file_stem(name: str) -> str:

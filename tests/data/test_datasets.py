@@ -5,6 +5,7 @@ pass-through."""
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace
 import json
 import tarfile
 from pathlib import Path
@@ -13,29 +14,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_fast.config import DataConfig, ShardConfig, SynthConfig, load_yaml
+from cxr_fast.config import DataConfig, ShardConfig, load_yaml
 from cxr_fast.data.datasets import chexpert, mimic, nih
-from cxr_fast.data.datasets.base import apply_policies
+from cxr_fast.data.datasets.base import Request, apply_policies
 from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
-from cxr_fast.data.synth import write_synthetic_dataset
 from cxr_fast.data.shards.verify import verify
 from cxr_fast.data.loaders.transforms import map_to_source, pad_to_square, process_gray
 from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import CxrFastError
 
 
-@pytest.fixture(scope="module")
-def chexpert_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chexpert")
-    write_synthetic_dataset(out, SynthConfig(layout="chexpert", n_images=72, source_size=96, seed=5, workers=2))
-    return out
-
-
-@pytest.fixture(scope="module")
-def mimic_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mimic")
-    write_synthetic_dataset(out, SynthConfig(layout="mimic-cxr-jpg", n_images=60, source_size=96, seed=6, workers=2))
-    return out
+# CheXpert's classes in the shared vocabulary: its "Pleural Effusion" is NIH's "Effusion".
+SHARED_CHEXPERT = [chexpert.SYNONYMS.get(c, c) for c in chexpert.CLASSES]
 
 
 def _chexpert_input(folder: Path) -> ShardInput:
@@ -71,13 +61,29 @@ def test_uncertainty_policies_give_the_labels_and_masks_of_the_paper():
         ("ignore:Edema;ones:Fracture", "masked"): [[1, 0, 1], [0, nan, nan], [0, nan, 1]],
     }
     for (uncertain, blank), labels in expected.items():
-        np.testing.assert_array_equal(apply_policies(raw, classes, uncertain, "zeros:*", blank), labels,
+        np.testing.assert_array_equal(_policies(raw, classes, uncertain, blank), labels,
                                       err_msg=f"{uncertain} / {blank}")
     # CheXpert's default: the paper's U-Ones for Atelectasis and Edema, U-Zeros for the rest.
-    np.testing.assert_array_equal(apply_policies(raw, classes, None, chexpert.DEFAULT_UNCERTAIN, "negative"),
+    np.testing.assert_array_equal(_policies(raw, classes, None, "negative", chexpert.DEFAULT_UNCERTAIN),
                                   expected[("ones:Atelectasis,Edema zeros:*", "negative")])
-    with pytest.raises(CxrFastError, match="POLICY"):
-        apply_policies(raw, classes, "maybe:Edema", "zeros:*", "negative")
+    for bad, message in (("maybe:Edema", "POLICY"), ("ones:* zeros:*", "two policies"),
+                         ("ones:Edema ignore:Edema", "two policies"), ("", "empty"), ("  ; ", "empty")):
+        with pytest.raises(CxrFastError, match=message):
+            _policies(raw, classes, bad, "negative")
+
+
+def _policies(raw, classes, uncertain, blank, default="zeros:*", no_finding=None):
+    return apply_policies(raw, classes, Request(Path("."), Path("."), uncertain, blank), default, no_finding)
+
+
+def test_masked_blanks_are_negative_on_no_finding_images_unless_masked_all():
+    classes = ("No Finding", "Edema", "Fracture")
+    nan = np.nan
+    raw = np.array([[1, nan, nan], [nan, 1, nan], [1, -1, nan]], dtype=float)
+    np.testing.assert_array_equal(_policies(raw, classes, "ignore:*", "masked", no_finding="No Finding"),
+                                  [[1, 0, 0], [nan, 1, nan], [1, nan, 0]])
+    np.testing.assert_array_equal(_policies(raw, classes, "ignore:*", "masked-all", no_finding="No Finding"),
+                                  [[1, nan, nan], [nan, 1, nan], [1, nan, nan]])
 
 
 def test_an_uncertain_policy_for_no_class_of_the_set_is_an_error(chexpert_dir, tmp_path):
@@ -92,7 +98,7 @@ def test_chexpert_layout_shards_with_its_split_views_labels_and_masks(chexpert_d
     assert list(train.columns) == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *chexpert.CLASSES]
     manifest = write_shards(_chexpert_input(chexpert_dir),
                             ShardConfig(out=str(tmp_path / "s"), uncertain="ignore:*", blank="masked", shard_size=16))
-    assert manifest["format_version"] == 3 and manifest["classes"] == list(chexpert.CLASSES)
+    assert manifest["format_version"] == 3 and manifest["classes"] == SHARED_CHEXPERT
     assert manifest["image_ext"] == "jpg" and manifest["config"]["encoding"] == "jpeg"
     table = pd.concat([train, valid], ignore_index=True).set_index("Path")
     samples = _samples(tmp_path / "s")
@@ -103,7 +109,8 @@ def test_chexpert_layout_shards_with_its_split_views_labels_and_masks(chexpert_d
         path = f"CheXpert-v1.0-small/{meta['image_index']}"
         raw = table.loc[path, list(chexpert.CLASSES)].to_numpy(float)
         mask = np.frombuffer(sample["mask"], np.uint8)
-        np.testing.assert_array_equal(mask, np.isin(raw, (0, 1)).astype(np.uint8))  # -1 and blank masked
+        normal = raw[chexpert.CLASSES.index("No Finding")] == 1  # its blanks are negative (torchxrayvision's rule)
+        np.testing.assert_array_equal(mask, (np.isin(raw, (0, 1)) | normal & np.isnan(raw)).astype(np.uint8))
         np.testing.assert_array_equal(np.frombuffer(sample["labels"], np.uint8), (raw == 1).astype(np.uint8))
         assert meta["split"] == "test" if path.split("/")[1] == "valid" else meta["split"] in ("train", "val")
         assert sample["jpg"] == (chexpert_dir / path).read_bytes()  # stored as it came: no second lossy generation
@@ -180,22 +187,54 @@ def test_a_table_spec_names_the_columns_of_any_data_set(chexpert_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ merged sets
-def test_merged_nih_and_chexpert_take_the_union_of_classes_and_mask_what_each_lacks(synth_dir, chexpert_dir,
-                                                                                   tmp_path):
+def test_merged_nih_and_chexpert_share_one_effusion_stated_on_both(synth_dir, chexpert_dir, tmp_path):
     inputs = [ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"), _chexpert_input(chexpert_dir)]
     manifest = write_shards(inputs, ShardConfig(out=str(tmp_path / "s"), shard_size=32))
     classes = manifest["classes"]
-    assert classes[:14] == list(nih.CLASSES) and set(chexpert.CLASSES) <= set(classes)
-    assert len(classes) == len(set(nih.CLASSES) | set(chexpert.CLASSES))
+    assert classes[:14] == list(nih.CLASSES) and set(SHARED_CHEXPERT) <= set(classes)
+    assert "Pleural Effusion" not in classes and len(classes) == len(set(nih.CLASSES) | set(SHARED_CHEXPERT)) == 21
     assert manifest["image_ext"] == "png"  # not every source is a JPEG: lossless
+    assert manifest["datasets"][1]["applied"]["class_map"]["Pleural Effusion"] == "Effusion"
+    chexpert_rows = _chexpert_table(chexpert_dir)
+    effusion = classes.index("Effusion")
     for sample in _samples(tmp_path / "s").values():
         meta = json.loads(sample["json"])
-        own = set(nih.CLASSES if meta["dataset"] == "nih" else chexpert.CLASSES)
-        assert np.frombuffer(sample["mask"], np.uint8).tolist() == [int(c in own) for c in classes]
+        own = set(nih.CLASSES if meta["dataset"] == "nih" else SHARED_CHEXPERT)
+        mask = np.frombuffer(sample["mask"], np.uint8)
+        assert mask.tolist() == [int(c in own) for c in classes] and mask[effusion] == 1
+        if meta["dataset"] == "chexpert":  # the merged class holds CheXpert's Pleural Effusion
+            raw = chexpert_rows.loc[f"CheXpert-v1.0-small/{meta['image_index']}", "Pleural Effusion"]
+            assert np.frombuffer(sample["labels"], np.uint8)[effusion] == int(raw == 1)
         assert meta["patient_id"].startswith(meta["dataset"] + ":")
     for split in ("train", "val", "test"):
         counts = manifest["splits"][split]["datasets"]
         assert set(counts) == {"nih", "chexpert"} and sum(counts.values()) == manifest["splits"][split]["images"]
+        assert manifest["splits"][split]["stated"]["Effusion"] == manifest["splits"][split]["images"]
+
+
+def test_relabel_and_classes_change_the_map_and_the_manifest_records_it(synth_dir, chexpert_dir, tmp_path):
+    (tmp_path / "map.yaml").write_text("Pleural Effusion: Pleural Effusion\nLung Lesion: Mass\nSupport Devices: null\n")
+    inputs = [ShardInput(synth_dir / "images_001", synth_dir / "Data_Entry_2017.csv"), _chexpert_input(chexpert_dir)]
+    config = ShardConfig(out=str(tmp_path / "s"), relabel=str(tmp_path / "map.yaml"))
+    manifest = write_shards(inputs, config)
+    classes = manifest["classes"]
+    assert {"Effusion", "Pleural Effusion", "Mass"} <= set(classes) and "Lung Lesion" not in classes
+    assert "Support Devices" not in classes
+    applied = manifest["datasets"][1]["applied"]["class_map"]
+    assert applied["Lung Lesion"] == "Mass" and applied["Support Devices"] is None
+    assert manifest["config"]["relabel"] == str(tmp_path / "map.yaml")
+    mass = classes.index("Mass")
+    for sample in _samples(tmp_path / "s").values():  # Mass: NIH's, and CheXpert's Lung Lesion, stated on both
+        assert np.frombuffer(sample["mask"], np.uint8)[mass] == 1
+    chosen = write_shards(inputs, replace(config, out=str(tmp_path / "c"), classes="Effusion,Cardiomegaly"))
+    assert chosen["classes"] == ["Effusion", "Cardiomegaly"]
+    with pytest.raises(CxrFastError, match="Efusion"):
+        write_shards(inputs, replace(config, out=str(tmp_path / "d"), classes="Efusion"))
+
+
+def _chexpert_table(folder: Path) -> pd.DataFrame:
+    root = folder / "CheXpert-v1.0-small"
+    return pd.concat([pd.read_csv(root / "train.csv"), pd.read_csv(root / "valid.csv")]).set_index("Path")
 
 
 # --------------------------------------------------------------------------------------------- pad to square

@@ -93,7 +93,8 @@ def test_index_matches_dalis_wds2idx(real_shards, tmp_path):
 def test_manifest_contract(real_shards):
     manifest = load_manifest(real_shards)
     assert sum(manifest["splits"][s]["images"] for s in ("train", "val", "test")) == 400
-    assert manifest["rows_without_image"] == 112_120 - 400 and manifest["skipped"] == []
+    assert manifest["dropped"]["no image"]["count"] == 112_120 - 400 and manifest["skipped"] == []
+    assert manifest["table_rows"] == 112_120 and set(manifest["dropped"]) == {"no image"}
     for split in ("train", "val", "test"):
         info = manifest["splits"][split]
         assert info["patients"] == info["images"]  # one image per patient in the sample
@@ -147,7 +148,9 @@ def test_bad_input_fails_cleanly_or_is_skipped_and_listed(synth_dir, tmp_path, d
     assert manifest["skipped"][0]["reason"]
     total = sum(manifest["splits"][s]["images"] for s in ("train", "val", "test"))
     assert total == (30 if damage == "no_table_row" else 29)  # every good image, nothing else
-    assert manifest["rows_without_image"] == 96 - 30
+    unreadable = manifest["dropped"].get("unreadable image", {"count": 0})["count"]
+    assert manifest["dropped"]["no image"]["count"] == 96 - 30 and unreadable == 30 - total
+    assert manifest["table_rows"] == 96 == total + sum(entry["count"] for entry in manifest["dropped"].values())
 
 
 def test_unreadable_folder_is_reported(synth_dir, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from cxr_fast.data.shards.tars import walk_tar
 from cxr_fast.config import AnalyzeConfig
 from cxr_fast.errors import CxrFastError
 from cxr_fast.evaluation.analyze import run_analysis
+from cxr_fast.evaluation.clinical import subgroup_audit
 from cxr_fast.metrics import confusion_stats
 
 
@@ -150,3 +151,26 @@ def test_analysis_numbers_recomputed_independently(which, tiny_run, synth_shards
                     "## Subgroup audit", "curves/reliability.png", "curves/subgroups.png"):
         assert section in report
     assert (tmp_path / "a/curves/reliability.png").exists() and (tmp_path / "a/curves/subgroups.png").exists()
+
+
+def test_underdiagnosis_is_the_no_finding_output_on_images_with_a_finding_where_the_model_has_one():
+    """Seyyed-Kalantari et al. 2021: among images with at least one finding, the share called "no finding" — by the
+    No Finding output where there is one (a CheXpert-style model), by no finding called where there is not (NIH)."""
+    rng = np.random.default_rng(3)
+    n, classes = 400, ["Edema", "No Finding", "Effusion"]
+    y = (rng.random((n, 3)) < 0.3).astype(float)
+    y[:, 1] = y[:, [0, 2]].sum(axis=1) == 0
+    y[rng.random((n, 3)) < 0.1] = np.nan  # some labels not stated
+    probs, thresholds = rng.random((n, 3)), np.array([0.5, 0.6, 0.4])
+    samples = pd.DataFrame({"patient_id": np.arange(n).astype(str), "sex": rng.choice(["M", "F"], n),
+                            "age": rng.integers(20, 90, n).astype(float), "view": "PA"})
+    with_state, _ = subgroup_audit(y, probs, thresholds, samples, classes, n_boot=0)
+    without, _ = subgroup_audit(y[:, [0, 2]], probs[:, [0, 2]], thresholds[[0, 2]], samples, ["Edema", "Effusion"],
+                                n_boot=0)
+    for sex in ("M", "F"):
+        rows = (samples["sex"] == sex).to_numpy()
+        ill = ((y[rows][:, [0, 2]] == 1).any(axis=1))
+        assert with_state["sex"][sex]["underdiagnosis"] == pytest.approx((probs[rows][ill, 1] >= 0.6).mean())
+        nothing = ~(probs[rows][ill][:, [0, 2]] >= thresholds[[0, 2]]).any(axis=1)
+        assert without["sex"][sex]["underdiagnosis"] == pytest.approx(nothing.mean())
+        assert with_state["sex"][sex]["underdiagnosis"] != without["sex"][sex]["underdiagnosis"]

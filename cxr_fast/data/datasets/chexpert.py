@@ -24,6 +24,11 @@ NAME = "chexpert"
 CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
            "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
            "Fracture", "Support Devices")
+NO_FINDING = "No Finding"
+SYNONYMS = {"Pleural Effusion": "Effusion"}  # into the shared vocabulary (vocabulary.py)
+LABEL_SOURCE = {"train": "text-mined from the radiology reports by the CheXpert labeler",
+                "val": "text-mined from the radiology reports by the CheXpert labeler",
+                "test": "read from the images by a consensus of three radiologists (valid.csv)"}
 DEFAULT_UNCERTAIN = "ones:Atelectasis,Edema zeros:*"
 DEFAULT_VIEWS = ("PA", "AP", "FRONTAL")
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + CLASSES
@@ -51,7 +56,7 @@ def read(request: Request) -> SampleTable:
             raise CxrFastError(f"{path} not found: CheXpert's {VALID_TABLE} belongs beside {request.labels.name}")
         part = read_table(path, COLUMNS, "CheXpert train.csv / valid.csv")
         part["Path"] = part["Path"].str.strip()
-        part["_split"], part["_patient"] = split, patients(part["Path"], path)
+        part["_split"], part["_patient"], part["_source"] = split, patients(part["Path"], path), path.name
         parts.append(part)
         values.append(label_values(part, CLASSES, path))
     table = pd.concat(parts, ignore_index=True)
@@ -60,12 +65,13 @@ def read(request: Request) -> SampleTable:
     frame.insert(0, "image", table["Path"].str.split("/", n=1).str[1])  # without the release folder's name
     frame.insert(1, "path", table["Path"])
     frame.insert(2, "patient", table["_patient"])
-    frame["follow_up"], frame["split"] = np.nan, table["_split"]
+    frame["follow_up"], frame["split"], frame["source"] = np.nan, table["_split"], table["_source"]
     values = np.concatenate(values)
     frame["finding_labels"] = findings_text(values)
     check_unique_images(frame, request.labels)
-    labels = apply_policies(values, CLASSES, request.uncertain, DEFAULT_UNCERTAIN, request.blank)
-    return SampleTable(frame, labels, CLASSES, NAME, unusable_values(given, frame))
+    labels = apply_policies(values, CLASSES, request, DEFAULT_UNCERTAIN, NO_FINDING)
+    return SampleTable(frame, labels, CLASSES, NAME, unusable_values(given, frame), values,
+                       applied=request.policies(DEFAULT_UNCERTAIN))
 
 
 def findings_text(values: np.ndarray) -> list[str]:

@@ -1,5 +1,6 @@
-"""EDA of a label table (`cxr-fast eda`): prevalence, co-occurrence, labels per image, images per patient, age,
-sex and view position, as report.md with figures."""
+"""EDA of a data set's labels (`cxr-fast eda`), read through its description with the same policies as `shard`:
+per source table and class the positive, negative, uncertain and blank counts, prevalence, co-occurrence, labels
+per image, images per patient, age, sex and view position, as report.md with figures."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cxr_fast.data.datasets import SampleTable  # noqa: E402
+from cxr_fast.data.datasets.vocabulary import NO_FINDING  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -23,48 +25,60 @@ def _save(fig, path: Path) -> None:
 def eda_statistics(table: SampleTable) -> dict:
     labels = _positives(table)
     per_patient = table.frame.groupby("patient").size()
+    totals = table.totals()
     return {
         "images": len(table.frame),
         "patients": int(per_patient.size),
-        "no_finding": int((labels.sum(axis=1) == 0).sum()),
-        "positives": {c: int(v) for c, v in zip(table.classes, labels.sum(axis=0))},
-        "stated": {c: int(v) for c, v in zip(table.classes, np.isfinite(table.labels).sum(axis=0))},
-        "labels_per_image": np.bincount(labels.sum(axis=1)).tolist(),
+        "no_finding": no_finding_count(table),
+        "positives": {c: int(v) for c, v in totals["trained_positive"].items()},
+        "stated": {c: int(v) for c, v in totals["stated"].items()},
+        "labels_per_image": np.bincount(labels.sum(axis=1), minlength=1).tolist(),
         "images_per_patient_median": float(per_patient.median()),
         "images_per_patient_max": int(per_patient.max()),
+        "per_source": {str(name): table.subset((table.frame["source"] == name).to_numpy()).totals()
+                       .astype(int).to_dict(orient="index") for name in table.frame["source"].unique()},
+        "dropped": table.dropped,
     }
 
 
+def no_finding_count(table: SampleTable) -> dict:
+    """Images in the "no finding" state, counted one way: by the data set's No Finding class where it has one (its
+    table's 1s), else the images without a positive finding."""
+    if NO_FINDING in table.classes:
+        return {"images": int((table.raw[:, table.classes.index(NO_FINDING)] == 1).sum()),
+                "by": f"the table's {NO_FINDING} = 1"}
+    return {"images": int((_positives(table).sum(axis=1) == 0).sum()), "by": "no positive finding"}
+
+
 def _positives(table: SampleTable) -> np.ndarray:
-    """(images, classes) int: 1 where the label is stated positive."""
-    return (np.nan_to_num(table.labels, nan=0.0) > 0).astype(np.int64)
+    """(images, classes) int: 1 where the label is positive after the policies, the No Finding class left out."""
+    findings = np.array([c != NO_FINDING for c in table.classes], dtype=bool)
+    return (np.nan_to_num(table.labels, nan=0.0) > 0)[:, findings].astype(np.int64)
 
 
 def write_eda_report(table: SampleTable, out: str | Path, source: str) -> Path:
-    """EDA of a data set's labels: report.md with prevalence (among the images where each class is stated),
+    """EDA of a data set's labels: report.md with, per source table, each class's positive, negative, uncertain and
+    blank counts in the table and its prevalence among the images where it is stated after the policies;
     co-occurrence, labels per image, images per patient, age, sex and view position."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     stats = eda_statistics(table)
-    labels = _positives(table)
-    _plot_labels(stats, labels, table.classes, out / "figures")
-    _plot_demographics(table, labels, out / "figures" / "demographics.png")
-    n = stats["images"]
-    rows = "\n".join(f"| {c} | {stats['positives'][c]:,} | {stats['stated'][c]:,} | "
-                     f"{stats['positives'][c] / max(stats['stated'][c], 1):.2%} |" for c in table.classes)
+    findings = tuple(c for c in table.classes if c != NO_FINDING)
+    _plot_labels(stats, _positives(table), findings, out / "figures")
+    _plot_demographics(table, _positives(table), out / "figures" / "demographics.png")
+    n, none = stats["images"], stats["no_finding"]
+    dropped = "; ".join(f"{r}: {e['count']:,}" for r, e in stats["dropped"].items()) or "none"
     report = f"""# Label table EDA
 
-Source: `{source}`
+Source: `{source}` ({table.dataset}; uncertain: `{table.applied.get('uncertain')}`, blank: \
+`{table.applied.get('blank')}`, views: `{table.applied.get('views')}`)
 
 - **{n:,} images** of **{stats['patients']:,} patients** (median {stats['images_per_patient_median']:.0f}, max
-  {stats['images_per_patient_max']} images per patient): splits must be by patient.
-- **No Finding: {stats['no_finding']:,}** images ({stats['no_finding'] / n:.1%}), without a positive label.
+  {stats['images_per_patient_max']} images per patient): splits must be by patient. Rows left out: {dropped}.
+- **No Finding: {none['images']:,}** images ({none['images'] / max(n, 1):.1%}), counted by {none['by']}.
 - Findings per image (0, 1, 2, ...): {', '.join(f'{v:,}' for v in stats['labels_per_image'])}.
 
-| finding | images | stated in | prevalence |
-|---|---:|---:|---:|
-{rows}
-
+{_source_tables(stats)}
 ![prevalence](figures/prevalence.png)
 
 ![co-occurrence](figures/cooccurrence.png)
@@ -74,6 +88,18 @@ Source: `{source}`
     path = out / "report.md"
     path.write_text(report)
     return path
+
+
+def _source_tables(stats: dict) -> str:
+    """One table per source file: the table's own values per class, then what training sees after the policies."""
+    parts = []
+    for name, totals in stats["per_source"].items():
+        rows = "\n".join(f"| {c} | {t['positive']:,} | {t['negative']:,} | {t['uncertain']:,} | {t['blank']:,} | "
+                         f"{t['stated']:,} | {t['trained_positive'] / max(t['stated'], 1):.2%} |"
+                         for c, t in totals.items())
+        parts.append(f"## {name}\n\n| class | positive | negative | uncertain | blank | stated (after policies) "
+                     f"| prevalence |\n|---|---:|---:|---:|---:|---:|---:|\n{rows}\n")
+    return "\n".join(parts)
 
 
 def _plot_labels(stats: dict, labels: np.ndarray, classes: tuple[str, ...], folder: Path) -> None:

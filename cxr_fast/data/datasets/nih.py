@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_fast.data.datasets.base import Request, SampleTable, check_unique_images, read_table, row_numbers
+from cxr_fast.data.datasets.base import (NOT_APPLICABLE, Request, SampleTable, check_unique_images, read_table,
+                                         row_numbers)
 from cxr_fast.data.datasets.labels import demographics, read_split_list, unusable_values
 from cxr_fast.errors import CxrFastError
 
@@ -27,8 +28,12 @@ NAME = "nih"
 # The 14 findings in the order of the NIH release (Wang et al. 2017, Table 1).
 CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
            "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
-# "No Finding" is not a class: it is the all-zero label vector.
-NO_FINDING = "No Finding"
+# "No Finding" is not a class here: NIH writes it for the all-zero label vector (its text, not a column).
+NO_FINDING_TEXT = "No Finding"
+NO_FINDING = None
+SYNONYMS: dict[str, str] = {}  # NIH's names are the shared vocabulary's (vocabulary.py)
+LABEL_SOURCE = {split: "text-mined from the radiology reports by natural-language processing (Wang et al. 2017)"
+                for split in ("train", "val", "test")}
 DEFAULT_VIEWS = None  # every image is frontal (PA or AP)
 
 # Real prevalence per class (images with the finding / 112,120), from Data_Entry_2017.csv: the synthetic data set
@@ -57,10 +62,10 @@ def parse_finding_labels(text: str) -> np.ndarray:
     vector = np.zeros(len(CLASSES), dtype=np.uint8)
     for name in str(text).split("|"):
         name = name.strip()
-        if name == NO_FINDING:
+        if name == NO_FINDING_TEXT:
             continue
         if name not in _CLASS_INDEX:
-            raise CxrFastError(f"unknown finding {name!r}; known: {', '.join(CLASSES)} and {NO_FINDING!r}")
+            raise CxrFastError(f"unknown finding {name!r}; known: {', '.join(CLASSES)} and {NO_FINDING_TEXT!r}")
         vector[_CLASS_INDEX[name]] = 1
     return vector
 
@@ -68,7 +73,7 @@ def parse_finding_labels(text: str) -> np.ndarray:
 def format_finding_labels(vector: np.ndarray) -> str:
     """Inverse of `parse_finding_labels`."""
     names = [CLASSES[i] for i in np.flatnonzero(vector)]
-    return "|".join(names) if names else NO_FINDING
+    return "|".join(names) if names else NO_FINDING_TEXT
 
 
 def read_label_table(path: str | Path) -> pd.DataFrame:
@@ -91,18 +96,18 @@ def _canonical_labels(table: pd.DataFrame, path: Path) -> pd.Series:
     """`Finding Labels` with every name trimmed, after checking each name is known and "No Finding" stands alone."""
     names = table[COL_LABELS].str.split("|").map(lambda parts: [part.strip() for part in parts])
     exploded = names.explode()
-    bad = ~exploded.isin(set(CLASSES) | {NO_FINDING})
+    bad = ~exploded.isin(set(CLASSES) | {NO_FINDING_TEXT})
     if bad.any():
         first = exploded[bad].index[0]
         shown = sorted(set(exploded[bad]))
         raise CxrFastError(
             f"{path}: unknown finding name(s) {', '.join(map(repr, shown[:5]))} (first in row {first + 2}, "
-            f"image {table.at[first, COL_IMAGE]}); known: {', '.join(CLASSES)} and {NO_FINDING!r}"
+            f"image {table.at[first, COL_IMAGE]}); known: {', '.join(CLASSES)} and {NO_FINDING_TEXT!r}"
         )
-    mixed = names.map(lambda parts: NO_FINDING in parts and len(parts) > 1)
+    mixed = names.map(lambda parts: NO_FINDING_TEXT in parts and len(parts) > 1)
     if mixed.any():
         first = int(np.flatnonzero(mixed.to_numpy())[0])
-        raise CxrFastError(f"{path}: row {first + 2} (image {table.at[first, COL_IMAGE]}) says {NO_FINDING!r} "
+        raise CxrFastError(f"{path}: row {first + 2} (image {table.at[first, COL_IMAGE]}) says {NO_FINDING_TEXT!r} "
                            "beside a finding")
     return names.map("|".join)
 
@@ -114,8 +119,9 @@ def multi_hot(table: pd.DataFrame) -> np.ndarray:
                     ).astype(np.uint8)
 
 
-def split_lists(labels_path: Path, given: tuple) -> tuple[list[str] | None, list[str] | None]:
-    """The official (test, train_val) lists: from flags, else from beside the table; (None, None) without them."""
+def split_lists(labels_path: Path, given: tuple) -> tuple:
+    """The official (test, train_val) lists, from flags, else from beside the table ((None, None) without them),
+    and the paths they were read from."""
     test_list, train_val_list = (Path(p) if p else None for p in given)
     if test_list is None and (labels_path.parent / "test_list.txt").exists():
         test_list = labels_path.parent / "test_list.txt"
@@ -124,8 +130,9 @@ def split_lists(labels_path: Path, given: tuple) -> tuple[list[str] | None, list
     if test_list is None:
         if train_val_list is not None:
             raise CxrFastError("--train-val-list needs --test-list")
-        return None, None
-    return read_split_list(test_list), read_split_list(train_val_list) if train_val_list else None
+        return None, None, (None, None)
+    return (read_split_list(test_list), read_split_list(train_val_list) if train_val_list else None,
+            (test_list, train_val_list))
 
 
 def split_marks(images: pd.Series, test_list: list[str] | None, train_val_list: list[str] | None = None) -> pd.Series:
@@ -151,12 +158,18 @@ def to_sample_table(table: pd.DataFrame, marks: pd.Series | None = None) -> Samp
     frame["follow_up"] = pd.to_numeric(table[COL_FOLLOWUP], errors="coerce") if COL_FOLLOWUP in table else np.nan
     frame["split"] = marks if marks is not None else split_marks(table[COL_IMAGE], None)
     frame["finding_labels"] = table[COL_LABELS]
-    return SampleTable(frame, multi_hot(table).astype(np.float32), CLASSES, NAME, unusable_values(given, frame))
+    frame["source"] = LABEL_TABLE_NAME
+    return SampleTable(frame, multi_hot(table).astype(np.float32), CLASSES, NAME, unusable_values(given, frame),
+                       applied={"uncertain": NOT_APPLICABLE, "blank": NOT_APPLICABLE})
 
 
 def read(request: Request) -> SampleTable:
     table = read_label_table(request.labels)
-    return to_sample_table(table, split_marks(table[COL_IMAGE], *split_lists(request.labels, request.split_lists)))
+    lists = split_lists(request.labels, request.split_lists)
+    samples = to_sample_table(table, split_marks(table[COL_IMAGE], *lists[:2]))
+    samples.frame["source"] = request.labels.name
+    samples.applied["split_lists"] = [str(p) if p else None for p in lists[2]]
+    return samples
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:

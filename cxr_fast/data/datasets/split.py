@@ -65,7 +65,8 @@ def carve_by_patient(
 def plan_split(table: SampleTable, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> pd.Series:
     """The split of every row of a sample table (index aligned with its frame), from its official marks: train, val
     and test stay; validation is carved out of train_val by patient; validation and test out of pool; "" stays out.
-    Labels not stated count as negative for the stratification."""
+    The carving is stratified on the table's own positives (its 1s, before any uncertain or blank policy), so the
+    split is a property of the patients: the same table under any policy gives the same split."""
     for name, value in (("val fraction", val_fraction), ("test fraction", test_fraction)):
         if not 0 <= value < 1:
             raise CxrFastError(f"{name} must be in [0, 1), got {value}")
@@ -73,7 +74,7 @@ def plan_split(table: SampleTable, val_fraction: float = 0.1, test_fraction: flo
     unknown = set(marks) - set(SPLIT_MARKS)
     if unknown:
         raise CxrFastError(f"{table.dataset}: unknown split mark(s) {sorted(unknown)}")
-    labels = np.nan_to_num(table.labels, nan=0.0).astype(np.uint8)
+    labels = (table.raw == 1).astype(np.uint8)
     patients = table.frame["patient"].to_numpy()
     split = pd.Series(np.where(np.isin(marks, C.SPLITS), marks, ""), index=table.frame.index, dtype=object)
     carve = {"train_val": {"train": 1 - val_fraction, "val": val_fraction},

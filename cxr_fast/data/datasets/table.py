@@ -16,16 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from cxr_fast.data.datasets.base import (Request, SampleTable, apply_policies, check_unique_images, label_values,
                                          read_table, row_numbers)
 from cxr_fast.data.datasets.labels import demographics, unusable_values
 from cxr_fast.errors import CxrFastError
+from cxr_fast.settings import load_plain_yaml
 
 NAME = "table"
 CLASSES = None  # named by the spec
 DEFAULT_VIEWS = None
+NO_FINDING = None
+SYNONYMS: dict[str, str] = {}  # a spec's columns keep their names; --relabel maps them into the vocabulary
+LABEL_SOURCE = {split: "as the table gives them (their origin is not recorded)" for split in ("train", "val", "test")}
 SPEC_KEYS = {"image", "patient", "classes", "age", "sex", "view", "split", "uncertain"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
 
@@ -33,10 +36,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "validation": 
 def read_spec(path: Path | None) -> dict:
     if path is None:
         raise CxrFastError("--dataset table needs --spec FILE naming the table's columns (README, 'Other data sets')")
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise CxrFastError(f"cannot read spec {path}: {error}") from None
+    spec = load_plain_yaml(path, "spec")
     if not isinstance(spec, dict) or not {"image", "patient", "classes"} <= set(spec) or set(spec) - SPEC_KEYS:
         raise CxrFastError(f"{path}: a spec names image, patient and classes (a list of label columns), and "
                            f"optionally age, sex, view, split, uncertain; got {spec!r:.200}")
@@ -66,10 +66,13 @@ def read(request: Request) -> SampleTable:
     frame["split"] = _split(table[spec["split"]], request.labels) if spec.get("split") else "pool"
     values = label_values(table, classes, request.labels)
     frame["finding_labels"] = ["|".join(classes[c] for c in np.flatnonzero(row == 1)) for row in values]
+    frame["source"] = request.labels.name
     check_unique_images(frame, request.labels)
-    labels = apply_policies(values, classes, request.uncertain, spec.get("uncertain") or "zeros:*", request.blank)
+    default = spec.get("uncertain") or "zeros:*"
+    labels = apply_policies(values, classes, request, default)
     given = {k: column[k] for k in ("age", "sex") if column[k] is not None}
-    return SampleTable(frame, labels, classes, NAME, unusable_values(given, frame))
+    return SampleTable(frame, labels, classes, NAME, unusable_values(given, frame), values,
+                       applied=request.policies(default))
 
 
 def _split(values, where):

@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.datasets import Request, SampleTable, read_dataset
-from cxr_fast.data.datasets.base import parse_uncertain
+from cxr_fast.data.datasets.base import check_uncertain_names
+from cxr_fast.data.datasets.vocabulary import read_relabel, select_classes, warn_near_duplicates
 from cxr_fast.data.shards.sample import ID_BYTES
 from cxr_fast.data.images.source import IMAGE_SUFFIXES, image_files
 from cxr_fast.data.datasets.split import plan_split
 from cxr_fast.errors import CxrFastError
 
 log = logging.getLogger(__name__)
+NO_ROW = "no row in the label table"  # an image found below --images that the table does not list
 
 
 @dataclass(frozen=True)
@@ -39,49 +42,87 @@ class ShardInput:
     split_lists: tuple = (None, None)
 
 
-def read_inputs(inputs: list[ShardInput], config: ShardConfig) -> tuple[SampleTable, list[dict], int]:
-    """The merged sample table of `inputs` with columns file, key, dataset and final_split
-    added (rows without an image or a split left out), the skipped inputs, and the count of rows without an image."""
+def read_inputs(inputs: list[ShardInput], config: ShardConfig) -> tuple[SampleTable, list[dict]]:
+    """The merged sample table of `inputs` with columns file, key, dataset and final_split added (its `dropped`
+    counting every table row left out, by reason), and the images found without a row (skipped)."""
     names = [i.dataset for i in inputs]
     if len(set(names)) != len(names) and "table" not in names:
         raise CxrFastError(f"--dataset {', '.join(names)}: each data set once")
-    tables, skipped, without = [], [], 0
+    relabel = read_relabel(config.relabel and Path(config.relabel))
+    tables, skipped, source_classes = [], [], {}
     for number, source in enumerate(inputs):
         request = Request(Path(source.images), Path(source.labels), config.uncertain, config.blank, config.views,
-                          source.spec and Path(source.spec), source.split_lists)
+                          source.spec and Path(source.spec), source.split_lists, relabel)
         table = read_dataset(source.dataset, request)
-        if table.frame["path"].isna().all():
-            files = find_images(request.images)
-            if not files:
-                raise CxrFastError(f"no PNG, JPEG or DICOM images found below {request.images}")
-            found = match_images(table.frame["image"], files)
-            skipped += _orphans(files, found, request, config)
-            located = table.frame["image"].map(found)
-        else:
-            _check_inside(table.frame["path"], request.labels)
-            located = table.frame["path"].map(lambda p: request.images / p)
-            located = located.where(located.map(Path.is_file), None)
-        present = located.notna().to_numpy()
-        if (~present).any():
-            log.info("%d of %d %s table rows have no image below %s (a partial download is fine)",
-                     int((~present).sum()), len(present), source.dataset, request.images)
-        without += int((~present).sum())
-        table = table.subset(present)
-        table.frame["file"] = located[present].to_numpy()
+        source_classes |= dict.fromkeys(table.applied["class_map"])
+        table, orphans = _locate(table, request, source.dataset, config)
+        skipped += orphans
         table.frame["final_split"] = plan_split(table, config.val_fraction, config.test_fraction, config.seed)
-        unlisted = table.frame["final_split"] == ""
+        unlisted = (table.frame["final_split"] == "").to_numpy()
         if unlisted.any():
             log.warning("%d image(s) are in neither split list and are left out", int(unlisted.sum()))
-            skipped += [{"file": str(f), "reason": "in neither official split list"}
-                        for f in table.frame.loc[unlisted, "file"]]
+        table = table.keep(~unlisted, "in neither official split list")
         table.frame["dataset"] = f"{source.dataset}-{number}" if names.count(source.dataset) > 1 else source.dataset
-        tables.append(table.subset(~unlisted.to_numpy()))
-    merged = merge(tables)
-    _check_uncertain(config.uncertain, merged.classes)
+        tables.append(table)
+    check_uncertain_names(config.uncertain, tuple(source_classes))
+    merged = select_classes(merge(tables), config.classes)
+    merged.applied = {"per_dataset": [t.applied for t in tables], "classes": config.classes,
+                      "relabel": config.relabel}
+    warn_near_duplicates(merged.classes)
+    for split in C.SPLITS:
+        if not (merged.frame["final_split"] == split).any():
+            log.warning("the %s split is empty%s", split, " (training needs train and val)" if split != "test" else
+                        " (a partial download? analyze --split test will have nothing to score)")
     merged.frame["key"] = [_key(sample_key(image), dataset, len(tables) > 1)
                            for image, dataset in zip(merged.frame["image"], merged.frame["dataset"])]
     _check_keys(merged.frame)
-    return merged, skipped, without
+    return merged, skipped
+
+
+def _locate(table: SampleTable, request: Request, dataset: str, config: ShardConfig) -> tuple[SampleTable, list]:
+    """The rows whose image exists, with its path in column `file` (the others dropped as "no image"), and the
+    images found without a row; an error saying which folder to pass when no row has an image."""
+    skipped = []
+    if table.frame["path"].isna().all():
+        files = find_images(request.images)
+        if not files:
+            raise CxrFastError(f"no PNG, JPEG or DICOM images found below {request.images}")
+        found = match_images(table.frame["image"], files)
+        skipped = _orphans(files, found, request, config)
+        located = table.frame["image"].map(found)
+    else:
+        _check_inside(table.frame["path"], request.labels)
+        located = table.frame["path"].map(lambda p: request.images / p)
+        located = located.where(located.map(Path.is_file), None)
+    present = located.notna().to_numpy()
+    if len(present) and not present.any():
+        raise CxrFastError(f"no row of {request.labels} has an image below {request.images}"
+                           f"{_folder_hint(request.images, table.frame['path'])}")
+    if (~present).any():
+        log.info("%d of %d %s table rows have no image below %s (a partial download is fine)",
+                 int((~present).sum()), len(present), dataset, request.images)
+    table = table.keep(present, "no image")
+    table.frame["file"] = located[present].to_numpy()
+    return table, skipped
+
+
+def _folder_hint(images: Path, paths: pd.Series) -> str:
+    """Which folder --images should be when the table's paths are found one level above or below it."""
+    for path in paths.dropna().iloc[:20]:
+        head, _, rest = str(path).partition("/")
+        if rest and images.name == head and (images / rest).is_file():
+            return f": --images should be the folder that holds {head}/ ({images.parent}), not {head}/ itself"
+        matches = [d for d in _subfolders(images) if (d / path).is_file()]
+        if matches:
+            return f": --images should be {matches[0]}, the folder that holds {head}/"
+    return ""
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir())[:1000]
+    except OSError:
+        return []
 
 
 def find_images(images_dir: Path) -> dict[str, Path]:
@@ -127,7 +168,7 @@ def _orphans(files: dict, found: dict, request: Request, config: ShardConfig) ->
     if orphans and config.on_error == "fail":
         raise CxrFastError(f"{files[orphans[0]]}: image has no row in {request.labels} "
                            f"({len(orphans)} such image(s)); use --on-error skip to leave them out")
-    return [{"file": str(files[n]), "reason": "no row in the label table"} for n in orphans]
+    return [{"file": str(files[n]), "reason": NO_ROW} for n in orphans]
 
 
 def merge(tables: list[SampleTable]) -> SampleTable:
@@ -136,17 +177,22 @@ def merge(tables: list[SampleTable]) -> SampleTable:
     if len(tables) == 1:
         return tables[0]
     classes = tuple(dict.fromkeys(c for t in tables for c in t.classes))
-    frames, labels = [], []
+    frames, labels, raw, dropped = [], [], [], {}
     for table in tables:
         frame = table.frame.copy()
         frame["patient"] = frame["dataset"] + ":" + frame["patient"].astype(str)
-        wide = np.full((len(frame), len(classes)), np.nan, dtype=np.float32)
-        wide[:, [classes.index(c) for c in table.classes]] = table.labels
+        columns = [classes.index(c) for c in table.classes]
+        for matrix, out in ((table.labels, labels), (table.raw, raw)):
+            wide = np.full((len(frame), len(classes)), np.nan, dtype=np.float32)
+            wide[:, columns] = matrix
+            out.append(wide)
         frames.append(frame)
-        labels.append(wide)
+        for reason, entry in table.dropped.items():
+            mine = dropped.setdefault(reason, {"count": 0, "examples": []})
+            mine["count"], mine["examples"] = mine["count"] + entry["count"], (mine["examples"] + entry["examples"])[:5]
     unknown = {t.frame["dataset"].iloc[0] if len(t.frame) else t.dataset: t.unknown_values for t in tables}
     return SampleTable(pd.concat(frames, ignore_index=True), np.concatenate(labels), classes, "+".join(
-        t.dataset for t in tables), unknown)
+        t.dataset for t in tables), unknown, np.concatenate(raw), dropped)
 
 
 def _key(key: str, dataset: str, prefixed: bool) -> str:
@@ -163,14 +209,3 @@ def _check_keys(frame: pd.DataFrame) -> None:
         first = frame[twice].sort_values("key").head(2)
         raise CxrFastError(f"image names {first['image'].iloc[0]!r} and {first['image'].iloc[1]!r} give the same "
                            f"sample key {first['key'].iloc[0]!r}")
-
-
-def _check_uncertain(text: str | None, classes: tuple[str, ...]) -> None:
-    """Every class --uncertain names is a class of the shard set (a typo would otherwise be silently ignored)."""
-    if text is None:
-        return
-    named, _rest = parse_uncertain(text, "")
-    unknown = sorted(set(named) - set(classes))
-    if unknown:
-        raise CxrFastError(f"--uncertain names {', '.join(map(repr, unknown))}, not a class of this shard set: "
-                           f"{', '.join(classes)}")

@@ -38,7 +38,8 @@ from tqdm import tqdm
 from cxr_fast import __version__
 from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
-from cxr_fast.data.datasets import SampleTable
+from cxr_fast.data.datasets import SampleTable, describe
+from cxr_fast.data.datasets.base import count_dropped
 from cxr_fast.data.shards.inputs import ShardInput, read_inputs
 from cxr_fast.data.shards.manifest import SHARD_FORMAT_VERSION
 from cxr_fast.data.shards.sample import EXTENSIONS, encode_id, encode_image
@@ -117,41 +118,44 @@ def _whole(value) -> int | None:
     return None if value is None or not np.isfinite(value) else int(value)
 
 
-def _sample(table: SampleTable, row: int) -> dict:
-    frame, labels = table.frame, table.labels[row]
-    entry = frame.loc[row]
-    return {"key": entry["key"], "path": str(entry["file"]), "size": Path(entry["file"]).stat().st_size,
-            "meta": {"image_index": entry["image"], "patient_id": str(entry["patient"]),
-                     "dataset": entry["dataset"], "finding_labels": entry["finding_labels"],
-                     "labels": np.nan_to_num(labels, nan=0.0).astype(int).tolist(),
-                     "mask": np.isfinite(labels).astype(int).tolist(), "split": entry["final_split"],
-                     "age": _whole(entry["age"]), "sex": entry["sex"], "view": entry["view"],
-                     "follow_up": _whole(entry["follow_up"])}}
+def _samples(table: SampleTable, rows: np.ndarray) -> list[dict]:
+    """The shard samples of `rows`, column by column (no per-row lookups: 377,000 rows plan in seconds)."""
+    frame, labels = table.frame.iloc[rows], table.labels[rows]
+    files = frame["file"].map(str).tolist()
+    columns = zip(frame["key"], files, frame["image"], frame["patient"].map(str), frame["dataset"],
+                  frame["finding_labels"], np.nan_to_num(labels, nan=0.0).astype(int).tolist(),
+                  np.isfinite(labels).astype(int).tolist(), frame["final_split"], map(_whole, frame["age"]),
+                  frame["sex"], frame["view"], map(_whole, frame["follow_up"]), map(os.path.getsize, files))
+    return [{"key": key, "path": file, "size": size,
+             "meta": {"image_index": image, "patient_id": patient, "dataset": dataset, "finding_labels": text,
+                      "labels": label, "mask": mask, "split": split, "age": age, "sex": sex, "view": view,
+                      "follow_up": follow_up}}
+            for (key, file, image, patient, dataset, text, label, mask, split, age, sex, view, follow_up, size)
+            in columns]
 
 
 def plan_shards(table: SampleTable, config: ShardConfig, out: Path) -> list[dict]:
     """Shard jobs per split, with samples shuffled (seeded) before they are cut into shards."""
     rng = np.random.default_rng(config.seed)
-    jobs = []
+    jobs, content = [], asdict(config)
     for split_name in C.SPLITS:
         rows = np.flatnonzero((table.frame["final_split"] == split_name).to_numpy())
-        samples = [_sample(table, row) for row in rows[rng.permutation(len(rows))]]
+        samples = _samples(table, rows[rng.permutation(len(rows))])
         for number, start in enumerate(range(0, len(samples), config.shard_size)):
             chunk = samples[start:start + config.shard_size]
             name = f"{split_name}/shard-{number:06d}"
             jobs.append({"name": f"{name}.tar", "tar": str(out / f"{name}.tar"), "idx": str(out / f"{name}.idx"),
-                         "config": asdict(config), "samples": chunk, "digest": _digest(config, chunk)})
+                         "config": content, "samples": chunk, "digest": _digest(config, chunk)})
     return jobs
 
 
 @dataclass
 class ManifestInput:
-    """What a shard set is made from: the merged sample table (rows that have an image and a split), the inputs it
-    was read from, and the count of table rows without an image."""
+    """What a shard set is made from: the merged sample table (rows that have an image and a split; its `dropped`
+    the others) and the inputs it was read from."""
 
     table: SampleTable
     inputs: list
-    rows_without_image: int
 
 
 def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = ShardConfig(),
@@ -159,7 +163,7 @@ def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = Sh
     """The `cxr-fast shard` command: shards of one or more data sets in `config.out`. Returns the manifest."""
     inputs = [inputs] if isinstance(inputs, ShardInput) else list(inputs)
     out = Path(config.out)
-    table, skipped, rows_without_image = read_inputs(inputs, config)
+    table, skipped = read_inputs(inputs, config)
     config = replace(config, encoding=resolve_encoding(config.encoding, table.frame["file"]))
     jobs = plan_shards(table, config, out)
     with folder_lock(out, "shards"):
@@ -168,7 +172,7 @@ def write_shards(inputs: ShardInput | list[ShardInput], config: ShardConfig = Sh
         done = _run_jobs(jobs, folder, config.workers)
         for record in done.values():
             skipped += record["skipped"]
-        manifest = _manifest(ManifestInput(table, inputs, rows_without_image), jobs, done, config, skipped)
+        manifest = _manifest(ManifestInput(table, inputs), jobs, done, config, skipped)
         folder.finish(manifest)
     return manifest
 
@@ -214,6 +218,8 @@ def _manifest(sources: ManifestInput, jobs: list[dict], done: dict, config: Shar
     table = sources.table
     written = {key for record in done.values() for key in record["keys"]}
     kept = table.subset(table.frame["key"].isin(written).to_numpy())
+    unreadable = table.frame.loc[~table.frame["key"].isin(written), "image"]
+    kept.dropped = count_dropped(table.dropped, "unreadable image", unreadable)
     summary = split_summary(kept, kept.frame["final_split"])
     shards = {}
     for job in jobs:
@@ -228,14 +234,23 @@ def _manifest(sources: ManifestInput, jobs: list[dict], done: dict, config: Shar
         "cxr_fast_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": asdict(config) | {"images": str(first.images), "labels": str(first.labels)},
-        "datasets": [{"dataset": i.dataset, "images": str(i.images), "labels": str(i.labels),
-                      "spec": str(i.spec) if i.spec else None,
-                      "split_lists": [str(p) if p else None for p in i.split_lists]} for i in sources.inputs],
+        "datasets": [_dataset_record(i, applied) for i, applied in zip(sources.inputs, table.applied["per_dataset"])],
         "image_ext": EXTENSIONS[config.encoding],
         "classes": list(table.classes),
         "splits": summary,
         "shards": shards,
-        "rows_without_image": sources.rows_without_image,
+        "table_rows": kept.table_rows,
+        "dropped": kept.dropped,
         "unknown_values": table.unknown_values,
         "skipped": skipped,
     }
+
+
+def _dataset_record(source: ShardInput, applied: dict) -> dict:
+    """One input of the manifest: where it was read from, what was applied (policies, views, the split lists read,
+    the class map) and where its labels come from."""
+    return {"dataset": source.dataset, "images": str(source.images), "labels": str(source.labels),
+            "spec": str(source.spec) if source.spec else None,
+            "split_lists": applied.get("split_lists", [None, None]),
+            "applied": {k: v for k, v in applied.items() if k != "split_lists"},
+            "label_source": describe(source.dataset).LABEL_SOURCE}

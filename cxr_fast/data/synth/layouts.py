@@ -4,6 +4,8 @@
                  patient-disjoint), DIR/images_001/images/<patient>_<follow-up>.png (8-bit gray PNGs)
   chexpert       CheXpert-v1.0-small's folders, train.csv and valid.csv
   mimic-cxr-jpg  MIMIC-CXR-JPG's files/ tree, its chexpert, metadata and split tables, MIMIC-IV's patients.csv.gz
+  padchest       PADCHEST_chest_x_ray_images_labels_160K.csv and DIR/<ImageDir>/<ImageID>.png (16-bit PNGs holding
+                 12 bits, as PadChest's detectors give), some lateral projections, PadChest's lower-case names
 
 CheXpert's and MIMIC's films are JPEGs a fifth taller than wide (so pad-to-square matters).
 
@@ -145,7 +147,41 @@ def write_nih(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Gener
     return table_path
 
 
-LAYOUTS = {"nih": write_nih, "chexpert": write_chexpert, "mimic-cxr-jpg": write_mimic}
+# The painted NIH findings in PadChest's words (its own names; `padchest.SYNONYMS` maps them back).
+PADCHEST_NAMES = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Effusion": "pleural effusion",
+                  "Infiltration": "infiltrates", "Mass": "mass", "Nodule": "nodule", "Pneumonia": "pneumonia",
+                  "Pneumothorax": "pneumothorax", "Consolidation": "consolidation", "Edema": "pulmonary edema",
+                  "Emphysema": "emphysema", "Fibrosis": "pulmonary fibrosis", "Pleural_Thickening": "pleural thickening",
+                  "Hernia": "hiatal hernia"}
+PADCHEST_ONLY = ("aortic elongation", "chronic changes", "scoliosis")  # common PadChest labels no other set has
+
+
+def write_padchest(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Generator) -> Path:
+    """out/PADCHEST_chest_x_ray_images_labels_160K.csv and out/<ImageDir>/<ImageID>.png (16-bit); a tenth of the
+    images lateral (Projection L); a few PadChest-only labels beside the painted ones, "normal" without any."""
+    lateral = rng.random(len(drawn.patients)) < 0.1
+    rows, paths = [], []
+    for i, (patient, followup) in enumerate(zip(drawn.patients, drawn.followups)):
+        image_id = f"2168401113669640{rng.integers(0, 10**15):015d}_{patient:05d}-{followup:03d}.png"
+        folder = str(i % 4)
+        names = [PADCHEST_NAMES[CLASSES[c]] for c in np.flatnonzero(drawn.labels[i])]
+        names += [n for n in PADCHEST_ONLY if rng.random() < 0.15]
+        rows.append({"ImageID": image_id, "ImageDir": folder, "StudyDate_DICOM": 20100000 + followup * 10000 + 101,
+                     "StudyID": f"study{patient}-{followup}", "PatientID": f"pat{patient}",
+                     "PatientBirth": 2010 + followup - drawn.ages[i], "PatientSex_DICOM": drawn.sexes[i],
+                     "ViewPosition_DICOM": drawn.views[i], "Projection": "L" if lateral[i] else drawn.views[i],
+                     "MethodProjection": "Manual review of DICOM fields",
+                     "MethodLabel": "Physician" if rng.random() < 0.27 else "RNN_model",
+                     "Labels": repr(names or ["normal"])})
+        paths.append(out / folder / image_id)
+    paint(paths, drawn, config, bits=12)
+    table = out / "PADCHEST_chest_x_ray_images_labels_160K.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    log.info("wrote %d synthetic PadChest-layout images to %s", len(paths), out)
+    return table
+
+
+LAYOUTS = {"nih": write_nih, "chexpert": write_chexpert, "mimic-cxr-jpg": write_mimic, "padchest": write_padchest}
 
 
 def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:

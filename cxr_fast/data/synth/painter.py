@@ -191,12 +191,14 @@ class ChestPainter:
 
 
 def _paint_one(job: tuple) -> None:
-    path, labels, anatomy, size, seed, height = job
+    path, labels, anatomy, size, seed, height, bits = job
     painter = ChestPainter(size, np.random.default_rng(seed))
     image = painter.paint(labels, anatomy)
     if height > size:  # a taller film: the square picture on a dark band above and below
         top = (height - size) // 2
         image = cv2.copyMakeBorder(image, top, height - size - top, 0, 0, cv2.BORDER_CONSTANT, value=12)
+    if bits > 8:  # a detector's range in a 16-bit PNG (PadChest's): the 8-bit picture spread over `bits` bits
+        image = (image.astype(np.uint16) << (bits - 8)) + np.uint16(37)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix.lower() in (".jpg", ".jpeg") else []  # PNG: lossless
     if not cv2.imwrite(str(path), image, params):
@@ -232,10 +234,11 @@ def draw(config: SynthConfig, rng: np.random.Generator) -> Drawn:
                  [sexes[p] for p in patients], rng.choice(["PA", "AP"], size=len(patients), p=[0.6, 0.4]), anatomy)
 
 
-def paint(paths: list[Path], drawn: Drawn, config: SynthConfig, height: int | None = None) -> None:
-    """Paint image i of `drawn` to paths[i] (PNG or JPEG by suffix), in parallel; `height` > the side pads it."""
+def paint(paths: list[Path], drawn: Drawn, config: SynthConfig, height: int | None = None, bits: int = 8) -> None:
+    """Paint image i of `drawn` to paths[i] (PNG or JPEG by suffix), in parallel; `height` > the side pads it;
+    `bits` > 8 writes 16-bit PNGs holding that many bits."""
     jobs = [(path, drawn.labels[i], drawn.anatomy[drawn.patients[i]], config.source_size,
-             config.seed * 1_000_003 + i, height or config.source_size) for i, path in enumerate(paths)]
+             config.seed * 1_000_003 + i, height or config.source_size, bits) for i, path in enumerate(paths)]
     with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
         for _ in tqdm(pool.imap_unordered(_paint_one, jobs, chunksize=8), total=len(jobs), desc="synth", unit="img"):
             pass
