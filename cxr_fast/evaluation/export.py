@@ -78,6 +78,7 @@ def _export(checkpoint: str | Path, out: Path) -> dict:
             torch.onnx.export(model, (sample[:2],), str(tmp), input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
                               dynamo=False)
+        _sign(tmp, list(info.classes), Preprocessing.of(data).describe())
         difference = _parity(model, tmp, sample)
         if not difference <= TOLERANCE:
             raise CxrFastError(f"the ONNX model's probabilities differ from PyTorch's by {difference:.2e} (more "
@@ -107,6 +108,18 @@ def _validation_summary(val: dict | None) -> dict | None:
     if not val:
         return None
     return {key: val.get(key) for key in ("epoch", "val_images", "val_macro_auc", "val_auc", "val_loss")}
+
+
+def _sign(path: Path, classes: list[str], preprocessing: dict) -> None:
+    """Write the class names and preprocessing into the ONNX file's own metadata, so that the sha256 in model.json
+    covers them: a model.json whose names were swapped or renamed no longer matches the model it describes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in (("cxr_fast.classes", classes), ("cxr_fast.preprocessing", preprocessing)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(model, str(path))
 
 
 def read_metadata(onnx_path: Path) -> dict:

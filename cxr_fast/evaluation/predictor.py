@@ -15,6 +15,7 @@ warning, as is an image that uses little of the gray range. A tensor handed to `
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,9 @@ class Predictor:
             data = DataConfig(image_size=pre["image_size"], in_chans=pre["in_chans"],
                               clahe_clip_limit=pre["clahe_clip_limit"], clahe_tiles=pre["clahe_tiles"],
                               fit=pre.get("fit", "squash"))  # exports older than --fit squashed
-            return cls(OnnxModel(path), data, meta["classes"], meta["operating_points"], meta.get("calibration"),
-                       config)
+            model = OnnxModel(path)
+            model.check(meta, path)
+            return cls(model, data, meta["classes"], meta["operating_points"], meta.get("calibration"), config)
         device = resolve_device(config.device)
         model, info = load_model(path, device)
         points = info.operating_points or {"max_f1": info.thresholds.tolist()}
@@ -99,6 +101,8 @@ class Predictor:
                 source = read_gray(Path(image), self.config.max_pixels)
                 gray, meta, warnings = source.gray, source.meta, list(source.warnings)
             elif isinstance(image, np.ndarray):
+                if image.ndim < 2 or min(image.shape[:2]) < 2:
+                    raise BadInput("array", f"an image array of shape {image.shape}: at least 2 x 2 pixels needed")
                 gray, meta, warnings = to_gray8(image, "array"), {}, []
             elif hasattr(image, "PixelData"):  # a pydicom Dataset
                 gray, meta, warnings = render(image, "dataset", self.config.max_pixels), identifiers(image), []
@@ -140,6 +144,8 @@ class Predictor:
             raise CxrFastError(f"a model input must be a float tensor N x {chans} x {side} x {side} (preprocessed: "
                                f"Predictor.prepare), got {tuple(inputs.shape)} {inputs.dtype}")
         low, high = self.preprocessing.input_range()
+        if not bool(torch.isfinite(inputs).all()):
+            raise CxrFastError("model inputs hold NaN or infinite values: not a preprocessed image")
         if float(inputs.min()) < low or float(inputs.max()) > high:
             raise CxrFastError(f"model input values must lie in [{low:.3f}, {high:.3f}] (8-bit gray normalised); got "
                                f"[{float(inputs.min()):.3f}, {float(inputs.max()):.3f}]: not preprocessed")
@@ -208,6 +214,21 @@ class OnnxModel:
             raise CxrFastError(f"{path} is not a usable ONNX model ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:200]})") from None
         self.device, self.module = torch.device("cpu"), None
+
+    def check(self, meta: dict, path: Path) -> None:
+        """model.json against the model itself: the input and output shapes, and the class names and preprocessing
+        the export wrote into the model (covered by the sha256 model.json holds)."""
+        pre = meta["preprocessing"]
+        given = list(self.session.get_inputs()[0].shape[1:]), list(self.session.get_outputs()[0].shape[1:])
+        said = [pre["in_chans"], pre["image_size"], pre["image_size"]], [len(meta["classes"])]
+        if given != said:
+            raise CxrFastError(f"{path.name} takes {given[0]} and gives {given[1]} outputs, but model.json says "
+                               f"{said[0]} and {said[1][0]} classes: model.json does not describe this model")
+        stored = self.session.get_modelmeta().custom_metadata_map
+        for key, value in (("cxr_fast.classes", meta["classes"]), ("cxr_fast.preprocessing", pre)):
+            if key in stored and json.loads(stored[key]) != value:
+                raise CxrFastError(f"model.json's {key.split('.')[1]} are not those exported into {path.name} "
+                                   f"({stored[key][:200]}): model.json was changed; export the checkpoint again")
 
     def logits(self, inputs: torch.Tensor) -> np.ndarray:
         return self.session.run(["logits"], {"image": inputs.contiguous().cpu().numpy()})[0]

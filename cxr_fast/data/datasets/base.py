@@ -147,12 +147,13 @@ def row_numbers(mask: np.ndarray | pd.Series, limit: int = 5) -> str:
 
 
 def parse_uncertain(text: str | None, default: str) -> tuple[dict[str, str], str]:
-    """The policies of `"ones:Atelectasis,Edema zeros:*"` (a policy, a colon, class names or * for every class not
-    named; groups separated by spaces or semicolons; None: the data set's `default`): class -> policy, and the
-    policy of every other class."""
+    """The policies of `"ones:Atelectasis,Pleural Effusion zeros:*"` (a policy, a colon, class names — spaces
+    allowed — or * for every class not named; a group ends where the next POLICY: begins, or at a semicolon; None:
+    the data set's `default`): class -> policy, and the policy of every other class."""
     policy: dict[str, str] = {}
     rest = None
-    groups = list(filter(None, re.split(r"[\s;]+", (text if text is not None else default).strip())))
+    groups = [g.strip() for g in re.split(rf"[;\s]+(?=(?:{'|'.join(UNCERTAIN_POLICIES)}):)|;",
+                                          (text if text is not None else default).strip()) if g.strip()]
     if not groups:
         raise CxrFastError("--uncertain is empty: give POLICY:CLASS,... or POLICY:*, or leave it out for the data "
                            "set's default")
@@ -208,9 +209,12 @@ def label_values(table: pd.DataFrame, classes: tuple[str, ...], path: Path) -> n
     error naming the row."""
     values = table[list(classes)].apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce")).to_numpy(float)
     given = table[list(classes)].notna().to_numpy()
-    bad = (given & ~np.isin(values, (1.0, 0.0, -1.0))).any(axis=1)
+    bad = given & ~np.isin(values, (1.0, 0.0, -1.0))
     if bad.any():
-        raise CxrFastError(f"{path}: label values must be 1, 0, -1 or blank; row(s) {row_numbers(bad)} hold others")
+        row, column = (int(i[0]) for i in np.nonzero(bad))
+        raise CxrFastError(f"{path}: label values must be 1, 0, -1 or blank; row(s) {row_numbers(bad.any(axis=1))} "
+                           f"hold others (first: column {classes[column]!r}, value "
+                           f"{str(table[classes[column]].iloc[row])[:40]!r})")
     return values
 
 

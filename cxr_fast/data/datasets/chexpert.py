@@ -50,6 +50,9 @@ def patients(paths: pd.Series, where) -> pd.Series:
 
 
 def read(request: Request) -> SampleTable:
+    if request.labels.name == VALID_TABLE:
+        raise CxrFastError(f"--labels {request.labels}: give CheXpert's train.csv; {VALID_TABLE} beside it is read "
+                           "as the test split")
     parts, values = [], []
     for path, split in ((request.labels, "train_val"), (request.labels.parent / VALID_TABLE, "test")):
         if split == "test" and not path.exists():

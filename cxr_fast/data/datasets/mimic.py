@@ -46,6 +46,10 @@ def read(request: Request) -> SampleTable:
             table[column] = table[column].str.strip()
     if labels.duplicated(STUDY).any():
         raise CxrFastError(f"{request.labels}: study listed twice, row(s) {row_numbers(labels.duplicated(STUDY))}")
+    for table, name in ((meta, METADATA), (split, SPLIT)):
+        if table["dicom_id"].duplicated().any():
+            raise CxrFastError(f"{beside(folder, name)}: dicom_id listed twice, row(s) "
+                               f"{row_numbers(table['dicom_id'].duplicated())}")
     table = meta.merge(labels, on=STUDY, how="left", validate="many_to_one", indicator=True)
     unlabelled = (table.pop("_merge") == "left_only").to_numpy()
     dropped = count_dropped({}, "no label row", table.loc[unlabelled, "dicom_id"])
@@ -82,5 +86,8 @@ def _patients(folder, subjects: pd.Series):
     if not path.exists():
         return None, None
     table = read_table(path, ("subject_id", "gender", "anchor_age"), "MIMIC-IV patients.csv.gz")
-    table = table.drop_duplicates("subject_id").set_index(table["subject_id"].str.strip())
+    table["subject_id"] = table["subject_id"].str.strip()
+    if table["subject_id"].duplicated().any():
+        raise CxrFastError(f"{path}: subject_id listed twice, row(s) {row_numbers(table['subject_id'].duplicated())}")
+    table = table.set_index("subject_id")
     return subjects.map(table["anchor_age"]), subjects.map(table["gender"])

@@ -40,6 +40,10 @@ def read_spec(path: Path | None) -> dict:
     if not isinstance(spec, dict) or not {"image", "patient", "classes"} <= set(spec) or set(spec) - SPEC_KEYS:
         raise CxrFastError(f"{path}: a spec names image, patient and classes (a list of label columns), and "
                            f"optionally age, sex, view, split, uncertain; got {spec!r:.200}")
+    wrong = [k for k in SPEC_KEYS - {"classes"} if spec.get(k) is not None and not isinstance(spec[k], str)]
+    if wrong:
+        raise CxrFastError(f"{path}: {', '.join(sorted(wrong))} must name one column (a text), got "
+                           f"{', '.join(f'{spec[k]!r:.60}' for k in sorted(wrong))}")
     classes = spec["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes) or \
             len(set(classes)) != len(classes):

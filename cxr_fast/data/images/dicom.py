@@ -12,11 +12,14 @@ files. pydicom is imported where it is used, on purpose: it is only needed when 
 
 from __future__ import annotations
 
+import logging
+import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from cxr_fast.data.images.headers import image_dimensions, inflated_size_within
+from cxr_fast.data.images.headers import image_header, inflated_size_within, read_regular
 from cxr_fast.data.images.preprocess import gray8_from_unit, unit_from_gray8
 from cxr_fast.errors import BadInput
 
@@ -34,9 +37,8 @@ def looks_like_dicom(path: Path, head: bytes | None = None) -> bool:
         return True
     if head is None:
         try:
-            with open(path, "rb") as f:
-                head = f.read(132)
-        except OSError:
+            head = read_regular(path, 0, head=132)
+        except OSError:  # not a regular file, or unreadable: not a DICOM file to look at
             return False
     return head[128:132] == b"DICM"
 
@@ -48,7 +50,7 @@ def _dataset(path: Path):
     try:
         return pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, NotImplementedError,
-            TypeError) as error:
+            TypeError, zlib.error) as error:
         raise BadInput(path, f"not a readable DICOM file ({type(error).__name__}: {str(error)[:150]})") from None
 
 
@@ -67,10 +69,31 @@ def _check_deflated(path: Path, max_pixels: int | None) -> None:
     if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
         return
     limit = 2 * max_pixels + HEADER_ALLOWANCE
-    start = 132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0))  # preamble, DICM, group length element
-    if not inflated_size_within(path.read_bytes()[start:], limit):
+    data = path.read_bytes()
+    start = meta_end(data)  # walked element by element: the stated group length may lie
+    stated = meta.get("FileMetaInformationGroupLength")
+    if stated is not None and int(stated) != start - 144:
+        raise BadInput(path, f"the file meta group length ({meta.get('FileMetaInformationGroupLength')}) is not the "
+                             f"group's ({start - 144}): refused before inflating")
+    try:
+        within = inflated_size_within(data[start:], limit)
+    except zlib.error as error:
+        raise BadInput(path, f"deflated DICOM data is corrupt ({error})") from None
+    if not within:
         raise BadInput(path, f"deflated DICOM data inflates past {limit:,} bytes (--max-pixels {max_pixels} at 16 "
                              "bits): refused before reading")
+
+
+def meta_end(data: bytes) -> int:
+    """Where the file meta group (0002,xxxx, explicit VR little endian, after the preamble and DICM) ends, walked
+    element by element."""
+    i = 132
+    while i + 8 <= len(data) and data[i:i + 2] == b"\x02\x00":
+        if data[i + 4:i + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            i += 12 + int.from_bytes(data[i + 8:i + 12], "little")
+        else:
+            i += 8 + int.from_bytes(data[i + 6:i + 8], "little")
+    return i
 
 
 def _check_payload(ds, path: Path, rows: int, columns: int) -> None:
@@ -82,10 +105,14 @@ def _check_payload(ds, path: Path, rows: int, columns: int) -> None:
     if syntax is None or not syntax.is_compressed or syntax == RLE:
         return
     first = next(generate_frames(ds.PixelData, number_of_frames=1), b"")
-    size = image_dimensions(bytes(first[:1 << 20]))
-    if size is None:
+    header = image_header(bytes(first[:1 << 20]))
+    if header is None:
         raise BadInput(path, f"compressed pixel data ({syntax.name}) whose size cannot be read from its own header: "
                              "refused before decoding")
+    size = (header.width, header.height)
+    if header.components != 1 or header.problem(None):
+        raise BadInput(path, f"the compressed image claims {header.components} component(s) of {header.bits} bits; "
+                             "a gray radiograph has one: refused before decoding")
     if size != (columns, rows):
         raise BadInput(path, f"the compressed image is {size[0]} x {size[1]} pixels, but the header says {columns} x "
                              f"{rows}: refused before decoding")
@@ -105,6 +132,8 @@ def _check(ds, path: Path, max_pixels: int | None) -> None:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise BadInput(path, f"colour DICOM ({photometric}): a chest radiograph is expected to be gray")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if int(ds.get("BitsAllocated", 16) or 16) not in (1, 8, 16, 32):
+        raise BadInput(path, f"BitsAllocated {ds.get('BitsAllocated')} is not 1, 8, 16 or 32")
     if max_pixels is not None and rows * columns > max_pixels:
         raise BadInput(path, f"the image claims {columns} x {rows} pixels, more than --max-pixels {max_pixels}")
     _check_payload(ds, path, rows, columns)
@@ -118,9 +147,32 @@ def _decoder_installed(name: str) -> bool:
     return any(importlib.util.find_spec(module) is not None for module in modules)
 
 
+class DecoderMessages(logging.Filter):
+    """pydicom's decoder messages (one plugin failing before another decodes, with its traceback), kept for the file
+    this thread decodes instead of printed: a decoder that calls the data corrupt makes the file a bad input, even
+    when a more lenient one (Pillow) then decodes something."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kept = getattr(self.local, "messages", None)
+        if kept is None:  # not inside a decode of ours: pydicom logs as it would
+            return True
+        if record.levelno >= logging.WARNING:
+            kept.append(record.getMessage())
+        return False
+
+
+DECODER_MESSAGES = DecoderMessages()
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(DECODER_MESSAGES)
+
+
 def _pixels(ds, path: Path) -> np.ndarray:
+    DECODER_MESSAGES.local.messages = []
     try:
-        return ds.pixel_array
+        pixels = ds.pixel_array
     except Exception as error:  # pydicom raises RuntimeError/NotImplementedError/ValueError by decoder and version
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         name = getattr(syntax, "name", str(syntax))
@@ -129,6 +181,12 @@ def _pixels(ds, path: Path) -> np.ndarray:
             raise BadInput(path, f"compressed as {name}, which needs a decoder: install {DECODERS}") from None
         reason = "is corrupt" if compressed else "does not decode"
         raise BadInput(path, f"pixel data {reason} ({type(error).__name__}: {str(error)[:150]})") from None
+    finally:
+        messages, DECODER_MESSAGES.local.messages = DECODER_MESSAGES.local.messages, None
+    if messages:
+        raise BadInput(path, f"a decoder found the pixel data corrupt ({messages[0][:150]}); not scored on what a "
+                             "more lenient decoder made of it")
+    return pixels
 
 
 def _first(value) -> float:

@@ -12,8 +12,9 @@ import cv2
 import numpy as np
 
 from cxr_fast.data.images.dicom import looks_like_dicom, read_dicom_source
-from cxr_fast.data.images.headers import PNG_SIGNATURE, image_dimensions
+from cxr_fast.data.images.headers import PNG_SIGNATURE, file_limit, image_header, read_regular
 from cxr_fast.data.images.preprocess import gray8_over_range, gray_share
+from cxr_fast.config import MAX_PIXELS
 from cxr_fast.errors import BadInput, CxrFastError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -96,25 +97,34 @@ def gray_range_warning(gray: np.ndarray, share: float) -> str | None:
     return None
 
 
+def _check_header(path: Path, data: bytes, max_pixels: int | None) -> None:
+    """Refuse, before decoding, what the file's own header says a decoder should not be handed."""
+    header = image_header(data)
+    if header is None:
+        what = "not a decodable image (a PNG or JPEG header without a readable size)" if \
+            data[:8] == PNG_SIGNATURE or data[:2] == b"\xff\xd8" else "not a PNG, JPEG or DICOM file"
+        raise BadInput(path, f"{what}: refused before decoding")
+    problem = header.problem(max_pixels)
+    if problem:
+        raise BadInput(path, f"{problem}: refused before decoding")
+    if header.format == "JPEG" and header.bits != 8:
+        raise BadInput(path, f"a {header.bits}-bit JPEG: only 8-bit JPEG files are read (save it as a 16-bit PNG or "
+                             "a DICOM file)")
+
+
 def read_gray(path: Path, max_pixels: int | None = None) -> SourceImage:
     """Decode a source image (PNG, JPEG or DICOM) to 8-bit gray.
 
     The header's size is checked against `max_pixels` before anything is decoded (a decompression bomb is a
     small file that claims an enormous image). JPEG files are turned as their EXIF orientation says."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, file_limit(max_pixels or MAX_PIXELS))
     except OSError as error:
         raise BadInput(path, f"unreadable ({error.strerror})") from None
     if looks_like_dicom(path, data[:132]):
         gray, meta = read_dicom_source(path, max_pixels)
         return SourceImage(gray, data, None, meta)
-    size = image_dimensions(data)
-    if size is None:
-        what = "not a decodable image (a PNG or JPEG header without a readable size)" if \
-            data[:8] == PNG_SIGNATURE or data[:2] == b"\xff\xd8" else "not a PNG, JPEG or DICOM file"
-        raise BadInput(path, f"{what}: refused before decoding")
-    if max_pixels is not None and size[0] * size[1] > max_pixels:
-        raise BadInput(path, f"the image claims {size[0]} x {size[1]} pixels, more than --max-pixels {max_pixels}")
+    _check_header(path, data, max_pixels)
     # JPEG: 8-bit gray with the EXIF orientation applied; PNG: as stored (16 bits kept for the rule above).
     flags = cv2.IMREAD_GRAYSCALE if data[:2] == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
     try:

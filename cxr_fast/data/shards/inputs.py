@@ -69,14 +69,25 @@ def read_inputs(inputs: list[ShardInput], config: ShardConfig) -> tuple[SampleTa
     merged.applied = {"per_dataset": [t.applied for t in tables], "classes": config.classes,
                       "relabel": config.relabel}
     warn_near_duplicates(merged.classes)
-    for split in C.SPLITS:
-        if not (merged.frame["final_split"] == split).any():
-            log.warning("the %s split is empty%s", split, " (training needs train and val)" if split != "test" else
-                        " (a partial download? analyze --split test will have nothing to score)")
+    _check_splits(merged)
     merged.frame["key"] = [_key(sample_key(image), dataset, len(tables) > 1)
                            for image, dataset in zip(merged.frame["image"], merged.frame["dataset"])]
     _check_keys(merged.frame)
     return merged, skipped
+
+
+def _check_splits(table: SampleTable) -> None:
+    """An empty train split is an error (nothing to train on), saying where the rows went; an empty validation or
+    test split a warning."""
+    counts = table.frame["final_split"].value_counts()
+    if not counts.get("train", 0):
+        dropped = ", ".join(f"{reason} {entry['count']}" for reason, entry in table.dropped.items()) or "none"
+        raise CxrFastError(f"no image is left for the train split: of {table.table_rows} table row(s), "
+                           f"{len(table.frame)} kept ({dict(counts)}); left out: {dropped}")
+    for split in ("val", "test"):
+        if not counts.get(split, 0):
+            log.warning("the %s split is empty%s", split, " (training needs a validation split)" if split == "val"
+                        else " (a partial download? analyze --split test will have nothing to score)")
 
 
 def _locate(table: SampleTable, request: Request, dataset: str, config: ShardConfig) -> tuple[SampleTable, list]:

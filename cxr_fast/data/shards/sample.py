@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from cxr_fast.config import MAX_PIXELS
+from cxr_fast.data.images.headers import image_header
+
 ID_BYTES = 64
 
 
@@ -68,12 +71,19 @@ def image_component(sample: dict) -> tuple[Encoding, bytes]:
     raise ValueError(f"sample {sample.get('__key__')} has no image component")
 
 
-def decode_image(sample: dict) -> np.ndarray:
-    """The gray uint8 image of a sample as read back from a shard (dict of extension -> bytes)."""
+def decode_image(sample: dict, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The gray uint8 image of a sample as read back from a shard (dict of extension -> bytes), sized from its own
+    header first like any input: a forged member claiming more than `max_pixels` (or more than one 8-bit component)
+    is refused before it is decoded."""
     encoding, payload = image_component(sample)
     if encoding.dali == "raw":
         height, width, _ = np.frombuffer(sample["shape"], np.int32)
         return np.frombuffer(payload, np.uint8).reshape(height, width)
+    header = image_header(payload[:1 << 20])
+    if header is None or header.problem(max_pixels) or header.bits > 8:
+        problem = header.problem(max_pixels) if header else "no readable image header"
+        raise ValueError(f"sample {sample.get('__key__')}: {problem or f'{header.bits}-bit image'}; refused before "
+                         "decoding")
     image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError(f"sample {sample.get('__key__')}: image does not decode")

@@ -1,6 +1,9 @@
-"""`cxr-fast verify`: every shard checked against the manifest (sha256, DALI index; deep: every sample decodes and
-agrees with its JSON and with its manifest entry, every key once in its split and once across splits, no patient in
-two splits — all read from the bytes in the tars, so a tampered manifest is caught)."""
+"""`cxr-fast verify`: every shard checked against the manifest (sha256, DALI index; deep: every sample decodes — sized
+from its header first — and agrees with its JSON and with its manifest entry, says it belongs to the split whose
+folder holds it, carries one label per manifest class, positives that its table's own text names under the
+manifest's class map (swapped class names show), masks exactly when the format has them, every key once in its split
+and once across splits, no patient in two splits — all read from the bytes in the tars, so a tampered manifest is
+caught)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_fast.data.shards.sample import decode_id, decode_image
-from cxr_fast.data.shards.manifest import load_manifest
+from cxr_fast.config import MAX_PIXELS
+from cxr_fast.data.shards.manifest import has_mask, load_manifest
 from cxr_fast.data.shards.tars import dali_index, walk_tar
 from cxr_fast.files import sha256_file
 from cxr_fast.errors import CxrFastError
@@ -23,7 +27,7 @@ def verify(shards_dir: str | Path, deep: bool = False) -> list[str]:
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
     problems = _check_counts(shards_dir, manifest)
-    seen: dict = {"keys": {}, "patients": {}}  # from the tars (deep): key -> (split, shard); patient -> split
+    seen: dict = {"keys": {}, "patients": {}, "manifest": manifest, "maps": class_maps(manifest)}
     for name, record in tqdm(manifest["shards"].items(), desc="verify", unit="shard"):
         tar, idx = shards_dir / name, shards_dir / record["index"]
         if not tar.exists() or not idx.exists():
@@ -81,13 +85,14 @@ def _check_samples(tar: Path, record: dict, seen: dict, split: str | None) -> li
         for index, (key, sample) in enumerate(walk_tar(tar)):
             count += 1
             try:
-                image = decode_image(sample)
+                image = decode_image(sample, seen["manifest"]["config"].get("max_pixels") or MAX_PIXELS)
                 meta = json.loads(sample["json"])
                 labels = np.frombuffer(sample["labels"], np.uint8).tolist()
                 mask = np.frombuffer(sample["mask"], np.uint8).tolist() if "mask" in meta else None  # format 3 on
             except (ValueError, KeyError) as error:
                 problems.append(f"sample {key}: {error}")
                 continue
+            problems += [f"sample {key}: {p}" for p in _against_itself(sample, meta, labels, split, seen)]
             if labels != meta["labels"] or mask != meta.get("mask") or decode_id(sample["id"]) != key:
                 problems.append(f"sample {key}: labels, mask or id disagree with its json")
             if image.shape != (meta["height"], meta["width"]):
@@ -97,6 +102,37 @@ def _check_samples(tar: Path, record: dict, seen: dict, split: str | None) -> li
         return [str(error)]
     if count != record["samples"]:
         problems.append(f"{count} samples, manifest says {record['samples']}")
+    return problems
+
+
+def class_maps(manifest: dict) -> dict[str, dict]:
+    """Per data set (by the name its samples carry), its source class names → manifest class (None: dropped)."""
+    datasets = manifest.get("datasets") or [{"dataset": "nih"}]
+    names = [d["dataset"] for d in datasets]
+    return {(name if names.count(name) == 1 else f"{name}-{i}"): (d.get("applied") or {}).get("class_map") or {}
+            for i, (name, d) in enumerate(zip(names, datasets))}
+
+
+def _against_itself(sample: dict, meta: dict, labels: list, split: str | None, seen: dict) -> list[str]:
+    """What a sample says about itself against the manifest and the folder: its split, its label count, its masks
+    against the format, and its positives against its table's own text of the labels."""
+    manifest, problems = seen["manifest"], []
+    classes = manifest["classes"]
+    if meta.get("split") != split:
+        problems.append(f"says it belongs to {meta.get('split')}, but lies in {split}")
+    if len(labels) != len(classes):
+        problems.append(f"holds {len(labels)} labels, the manifest names {len(classes)} classes")
+    if ("mask" in sample or "mask" in meta) != has_mask(manifest):
+        problems.append(f"{'carries' if 'mask' in sample else 'lacks'} masks, but the manifest says format "
+                        f"{manifest['format_version']}")
+    mapping = seen["maps"].get(meta.get("dataset") or "nih", {})
+    named = [(n.rstrip("?"), n.endswith("?")) for n in str(meta.get("finding_labels") or "").split("|") if n]
+    sure = {mapping.get(n, n) for n, uncertain in named if not uncertain}
+    said = sure | {mapping.get(n, n) for n, uncertain in named if uncertain}
+    positive = {c for c, v in zip(classes, labels) if v}
+    if positive - said or (sure & set(classes)) - positive:
+        problems.append(f"labels name {sorted(positive)[:4]} positive, its table's text says {meta.get('finding_labels')!r}"
+                        " (class names swapped or relabelled?)")
     return problems
 
 
