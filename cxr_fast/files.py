@@ -78,19 +78,50 @@ def atomic_json(path: Path, payload: dict) -> None:
         raise CxrFastError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def claim_output(folder: Path, own: tuple[str, ...], overwrite: bool) -> None:
-    """A command's output folder, already locked: empty or new, or, with --overwrite, cleared of the files the
-    command itself writes (`own`, names in the folder) and only those; anything else there is left alone."""
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+OWNER = ".cxr-fast"  # in a command's output folder: the name of the command that wrote it
+
+
+def claim_output(folder: Path, own: tuple[str, ...], overwrite: bool, command: str, inputs=()) -> None:
+    """A command's output folder, already locked: empty or new, or, with --overwrite, one that `command` wrote
+    itself (its name in OWNER) or that holds nothing but its files, cleared of the files it writes (`own`) and only
+    those. Another command's folder, a folder of the user's files, or one of the command's `inputs` is refused."""
+    for given in inputs:
+        if Path(given).resolve() == folder.resolve():
+            raise CxrFastError(f"--out {folder} is a folder this command reads: choose another --out (no command "
+                               "writes into its inputs)")
+    present = sorted(p.name for p in folder.iterdir() if p.name != OWNER) if folder.is_dir() else []
+    owner = _owner(folder)
     if present and not overwrite:
         raise CxrFastError(f"{folder} is not empty ({', '.join(present[:3])}{' …' if len(present) > 3 else ''}); "
                            "choose another --out, or pass --overwrite to replace this command's earlier results")
+    foreign = [name for name in present if name not in own]
+    if present and (owner not in (None, command) or owner is None and foreign):
+        written = f"cxr-fast {owner}'s results" if owner else f"files cxr-fast {command} did not write"
+        raise CxrFastError(f"{folder} holds {written} ({', '.join((foreign or present)[:3])}); --overwrite replaces "
+                           f"only cxr-fast {command}'s own results: choose another --out")
     for name in own:
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    (folder / OWNER).write_text(command + "\n")
+
+
+def claim_whole_folder(folder: Path, command: str, inputs=()) -> None:
+    """The output folder of a command that owns all of it (synth, eda, preview): new or empty, or one it wrote
+    before (OWNER says so), which is emptied first; any other folder is refused, so a real data set, a source image
+    folder or another command's results are never overwritten."""
+    make_folder(folder)
+    present = tuple(p.name for p in folder.iterdir() if p.name != OWNER)
+    claim_output(folder, present if _owner(folder) == command else (), _owner(folder) == command, command, inputs)
+
+
+def _owner(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def atomic_write(path: Path, write) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import reprlib
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,15 @@ def setting(default: Any, help: str = "", *, flag: str | None = None, choices: t
 KINDS = ("float", "int", "bool", "str", "int | str", "tuple[float, float]")
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict = 80, 80, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: cut short without rendering it whole (a bad value may be huge)."""
+    return _SHOWN.repr(value)
+
+
 def check_annotations(cls: type) -> None:
     """Refuse a config class with a field of a type the settings do not check (a `Path`, an `Optional[int]`): it
     would pass unchecked and the option builder would not know it. Run for every config class at import."""
@@ -62,25 +72,25 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+                raise ConfigError(f"{name} must be a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            raise ConfigError(f"{name} must be a finite number, got {shown(value)}")
         return float(value)
     if base == "int":
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number, got {shown(value)}")
         return value
     if base == "bool":
         if optional and value == "auto":  # an optional switch: None is auto
             return None
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {shown(value)}")
         return value
     if base == "str":
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {shown(value)}")
         return value
     if base == "int | str":  # a count or "auto"
         if isinstance(value, str) and value.strip().isdigit():
@@ -91,10 +101,10 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     if base == "tuple[float, float]":
         pair = list(value) if isinstance(value, (list, tuple)) else None
         if pair is None or len(pair) != 2:
-            raise ConfigError(f"{name} must be a pair [low, high], got {value!r}")
+            raise ConfigError(f"{name} must be a pair [low, high], got {shown(value)}")
         low, high = (_coerce(name, "float", v) for v in pair)
         if low > high:
-            raise ConfigError(f"{name} must be [low, high] with low <= high, got {value!r}")
+            raise ConfigError(f"{name} must be [low, high] with low <= high, got {shown(value)}")
         return low, high
     return value  # a nested config: checked by its own class
 
@@ -103,14 +113,14 @@ def _check_rule(name: str, value: Any, rule: dict) -> None:
     if value is None:
         return
     if rule["choices"] is not None and value not in rule["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, rule['choices']))}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, rule['choices']))}, got {shown(value)}")
     tests = {"ge": (">=", lambda a, b: a >= b), "gt": (">", lambda a, b: a > b), "le": ("<=", lambda a, b: a <= b),
              "lt": ("<", lambda a, b: a < b)}
     for key, (text, passes) in tests.items():
         bound = rule[key]
         if bound is not None and not all(passes(item, bound) for item in (value if isinstance(value, tuple)
                                                                            else (value,))):
-            raise ConfigError(f"{name} must be {text} {bound}, got {value!r}")
+            raise ConfigError(f"{name} must be {text} {bound}, got {shown(value)}")
 
 
 class Checked:

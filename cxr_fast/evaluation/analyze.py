@@ -133,7 +133,7 @@ def run_analysis(checkpoint: str | Path, shards_dir: str | Path, out: str | Path
     inputs = Inputs(Path(checkpoint), Path(shards_dir), manifest, boxes, model, info, target)
     out = make_folder(Path(out))
     with folder_lock(out, "an analysis"):
-        claim_output(out, OWN_FILES, overwrite)
+        claim_output(out, OWN_FILES, overwrite, "analyze", (shards_dir,))
         return _analyze(inputs, out, config)
 
 

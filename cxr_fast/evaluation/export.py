@@ -58,7 +58,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
     the metadata."""
     out = make_folder(Path(out))
     with folder_lock(out, "an export"):
-        claim_output(out, ("model.onnx", "model.json"), overwrite)
+        claim_output(out, ("model.onnx", "model.json"), overwrite, "export", (Path(checkpoint).parent,))
         return _export(checkpoint, out)
 
 

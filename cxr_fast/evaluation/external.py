@@ -100,7 +100,7 @@ def run_external_analysis(checkpoint: Path, predictions: Path, labels: Path, out
                            "split_lists": "an external test set"}, "splits": {"external": summary}}
     out = make_folder(Path(out))
     with folder_lock(out, "an analysis"):
-        claim_output(out, OWN_FILES, overwrite)
+        claim_output(out, OWN_FILES, overwrite, "analyze", (Path(predictions).parent,))
         metrics = per_class_report(scored.targets, probs, info.thresholds, info.classes,
                                    groups=rows["patient_id"].to_numpy(),
                                    n_boot=config.bootstrap)

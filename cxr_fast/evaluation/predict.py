@@ -59,7 +59,7 @@ def predict(model_path: Path, inputs: list[Path], out: Path, config: PredictConf
     files = find_inputs(inputs, out)
     make_folder(out)
     with folder_lock(out, "predictions"):
-        claim_output(out, OWN_FILES, overwrite)
+        claim_output(out, OWN_FILES, overwrite, "predict", [i for i in inputs if i.is_dir()])
         cams = CamWriter(CamExplainer(predictor.model.module), cam_stems(files), out / "cam") if config.cam else None
         rows = _score_all(predictor, files, cams)
         table = pd.DataFrame(rows)

@@ -200,6 +200,12 @@ def test_an_occupied_out_is_refused_and_overwrite_clears_only_its_own_files(tiny
     (out / "notes.txt").write_text("mine")
     result = _run(["predict", image, "--checkpoint", tiny_run / "checkpoints/best.pt", "--out", out])
     assert result.exit_code == 2 and "is not empty" in result.output
+    refused = _run(["predict", image, "--checkpoint", tiny_run / "checkpoints/best.pt", "--out", out, "--overwrite"])
+    assert refused.exit_code == 2 and "did not write" in refused.output  # the user's folder, not predict's
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert _run(["predict", image, "--checkpoint", tiny_run / "checkpoints/best.pt", "--out", out]).exit_code == 0
+    (out / "notes.txt").write_text("mine")  # added to predict's own folder later: kept by --overwrite
     assert _run(["predict", image, "--checkpoint", tiny_run / "checkpoints/best.pt", "--out", out,
                  "--overwrite"]).exit_code == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "predictions.csv").exists()

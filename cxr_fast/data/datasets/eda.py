@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from cxr_fast.data.datasets import SampleTable  # noqa: E402
 from cxr_fast.data.datasets.vocabulary import NO_FINDING  # noqa: E402
+from cxr_fast.files import claim_whole_folder  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -61,7 +62,8 @@ def write_eda_report(table: SampleTable, out: str | Path, source: str) -> Path:
     blank counts in the table and its prevalence among the images where it is stated after the policies;
     co-occurrence, labels per image, images per patient, age, sex and view position."""
     out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    claim_whole_folder(out, "eda", (Path(source).parent,))
+    (out / "figures").mkdir()
     stats = eda_statistics(table)
     findings = tuple(c for c in table.classes if c != NO_FINDING)
     _plot_labels(stats, _positives(table), findings, out / "figures")

@@ -9,14 +9,15 @@ import numpy as np
 
 from cxr_fast.config import DataConfig, PreviewConfig
 from cxr_fast.data.loaders.loader import LoaderSpec, create_loader
+from cxr_fast.files import claim_whole_folder
 
 
 def write_preview(shards_dir: str | Path, data: DataConfig, config: PreviewConfig, out: str | Path,
                   seed: int) -> list[Path]:
     """Write the first `config.n` processed images as `out/<key>.png` (the shard key), and with augmentation a contact
-    sheet."""
+    sheet, into a folder that is new, empty or an earlier preview's."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_whole_folder(out, "preview", (shards_dir,))
     n = config.n
     loader = create_loader(LoaderSpec(shards_dir, config.split, data, batch_size=min(n, 16), train=config.augment,
                                       loader=config.loader, seed=seed, normalize=False))

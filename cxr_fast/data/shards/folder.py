@@ -50,6 +50,10 @@ class ShardFolder:
     def claim(self) -> None:
         """Check what is in the folder before any work: only cxr-fast's own files, readable state."""
         paths = list(self.out.rglob("*"))
+        links = [p for p in paths if p.is_symlink()]
+        if links:  # a split folder linked elsewhere would make this run write (and remove) shards in another folder
+            raise CxrFastError(f"{links[0]} is a link: shard writes only into real folders below --out, never "
+                               "through a link into another tool's files; remove the link or choose another --out")
         foreign = sorted(str(p.relative_to(self.out)) for p in paths if not self._ours(p))
         if foreign:
             raise CxrFastError(f"{self.out} holds files cxr-fast did not write ({', '.join(foreign[:3])}"

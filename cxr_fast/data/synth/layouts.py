@@ -28,6 +28,7 @@ from cxr_fast.config import SynthConfig
 from cxr_fast.data.datasets import chexpert, mimic, nih
 from cxr_fast.data.synth.painter import CLASSES, Drawn, draw, paint
 from cxr_fast.errors import CxrFastError
+from cxr_fast.files import claim_whole_folder
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,11 @@ LAYOUTS = {"nih": write_nih, "chexpert": write_chexpert, "mimic-cxr-jpg": write_
 
 def write_synthetic_dataset(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     """Write the data set below `out` in `config.layout` and return the path of its label table (what `shard`
-    takes as --labels; --images is `out`)."""
+    takes as --labels; --images is `out`). `out` is new, empty or an earlier synthetic set (emptied first): never a
+    folder of real data, whose table and images would be replaced."""
     if config.layout not in LAYOUTS:
         raise CxrFastError(f"unknown layout {config.layout!r}: use {', '.join(LAYOUTS)}")
+    claim_whole_folder(Path(out), "synth")
     rng = np.random.default_rng(config.seed)
     drawn = draw(config, rng)
     return LAYOUTS[config.layout](Path(out), drawn, config, rng)
