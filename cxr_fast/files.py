@@ -83,8 +83,9 @@ OWNER = ".cxr-fast"  # in a command's output folder: the name of the command tha
 
 def claim_output(folder: Path, own: tuple[str, ...], overwrite: bool, command: str, inputs=()) -> None:
     """A command's output folder, already locked: empty or new, or, with --overwrite, one that `command` wrote
-    itself (its name in OWNER) or that holds nothing but its files, cleared of the files it writes (`own`) and only
-    those. Another command's folder, a folder of the user's files, or one of the command's `inputs` is refused."""
+    itself (its name in OWNER), cleared of the files it writes (`own`) and only those. Another command's folder, a
+    folder it did not write (even one holding only names it uses: the user's own cam/), or one of the command's
+    `inputs` is refused."""
     for given in inputs:
         if Path(given).resolve() == folder.resolve():
             raise CxrFastError(f"--out {folder} is a folder this command reads: choose another --out (no command "
@@ -94,11 +95,10 @@ def claim_output(folder: Path, own: tuple[str, ...], overwrite: bool, command: s
     if present and not overwrite:
         raise CxrFastError(f"{folder} is not empty ({', '.join(present[:3])}{' …' if len(present) > 3 else ''}); "
                            "choose another --out, or pass --overwrite to replace this command's earlier results")
-    foreign = [name for name in present if name not in own]
-    if present and (owner not in (None, command) or owner is None and foreign):
+    if present and owner != command:
         written = f"cxr-fast {owner}'s results" if owner else f"files cxr-fast {command} did not write"
-        raise CxrFastError(f"{folder} holds {written} ({', '.join((foreign or present)[:3])}); --overwrite replaces "
-                           f"only cxr-fast {command}'s own results: choose another --out")
+        raise CxrFastError(f"{folder} holds {written} ({', '.join(present[:3])}); --overwrite replaces only "
+                           f"cxr-fast {command}'s own results: choose another --out")
     for name in own:
         path = folder / name
         if path.is_dir() and not path.is_symlink():

@@ -219,12 +219,15 @@ def load_plain_yaml(path: str | Path, what: str):
             data = handle.read(MAX_YAML_BYTES + 1)
         if len(data) > MAX_YAML_BYTES:
             raise ConfigError(f"{what} {path} is over {MAX_YAML_BYTES:,} bytes: not a settings file")
-        text = data.decode("utf-8")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} {path} is not UTF-8 text (a YAML file is)") from None
         for token in yaml.scan(text, Loader=yaml.SafeLoader):
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
                 raise ConfigError(f"{what} {path}: YAML anchors and aliases (&, *) are not accepted; write values out")
         return yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+    except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read {what} {path}: {str(error)[:300]}") from None
 
 

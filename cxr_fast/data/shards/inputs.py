@@ -94,6 +94,9 @@ def _locate(table: SampleTable, request: Request, dataset: str, config: ShardCon
     """The rows whose image exists, with its path in column `file` (the others dropped as "no image"), and the
     images found without a row; an error saying which folder to pass when no row has an image."""
     skipped = []
+    if not len(table.frame):  # every row left out already (by the view filter): nothing to look for
+        table.frame["file"] = []
+        return table, skipped
     if table.frame["path"].isna().all():
         files = find_images(request.images)
         if not files:
