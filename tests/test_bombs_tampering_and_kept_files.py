@@ -23,7 +23,6 @@ from cxr_fast.cli import cli
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.images import dicom as dicom_module
 from cxr_fast.data.images import source as source_module
-from cxr_fast.data.shards.manifest import load_manifest
 from cxr_fast.data.shards.verify import verify
 from cxr_fast.data.shards.writer import ShardInput, write_shards
 from cxr_fast.errors import BadInput, CxrFastError

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_fast import constants as C
 from cxr_fast.config import ShardConfig
 from cxr_fast.data.datasets import Request, SampleTable, read_dataset
 from cxr_fast.data.datasets.base import check_uncertain_names
@@ -109,7 +108,7 @@ def _locate(table: SampleTable, request: Request, dataset: str, config: ShardCon
         located = table.frame["path"].map(lambda p: request.images / p)
         located = located.where(located.map(Path.is_file), None)
     present = located.notna().to_numpy()
-    if len(present) and not present.any():
+    if not present.any():
         raise CxrFastError(f"no row of {request.labels} has an image below {request.images}"
                            f"{_folder_hint(request.images, table.frame['path'])}")
     if (~present).any():

@@ -131,8 +131,8 @@ def _against_itself(sample: dict, meta: dict, labels: list, split: str | None, s
     said = sure | {mapping.get(n, n) for n, uncertain in named if uncertain}
     positive = {c for c, v in zip(classes, labels) if v}
     if positive - said or (sure & set(classes)) - positive:
-        problems.append(f"labels name {sorted(positive)[:4]} positive, its table's text says {meta.get('finding_labels')!r}"
-                        " (class names swapped or relabelled?)")
+        problems.append(f"labels name {sorted(positive)[:4]} positive, its table's text says "
+                        f"{meta.get('finding_labels')!r} (class names swapped or relabelled?)")
     return problems
 
 

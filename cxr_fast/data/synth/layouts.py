@@ -152,8 +152,8 @@ def write_nih(out: Path, drawn: Drawn, config: SynthConfig, rng: np.random.Gener
 PADCHEST_NAMES = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Effusion": "pleural effusion",
                   "Infiltration": "infiltrates", "Mass": "mass", "Nodule": "nodule", "Pneumonia": "pneumonia",
                   "Pneumothorax": "pneumothorax", "Consolidation": "consolidation", "Edema": "pulmonary edema",
-                  "Emphysema": "emphysema", "Fibrosis": "pulmonary fibrosis", "Pleural_Thickening": "pleural thickening",
-                  "Hernia": "hiatal hernia"}
+                  "Emphysema": "emphysema", "Fibrosis": "pulmonary fibrosis",
+                  "Pleural_Thickening": "pleural thickening", "Hernia": "hiatal hernia"}
 PADCHEST_ONLY = ("aortic elongation", "chronic changes", "scoliosis")  # common PadChest labels no other set has
 
 
