@@ -400,3 +400,12 @@ def test_unreadable_nih_images_through_links_are_skipped_not_read(synth_dir, tmp
         signal.alarm(0)
     assert any(s["file"] == str(victim) and "not a regular file" in s["reason"] for s in manifest["skipped"])
     assert manifest["dropped"]["unreadable image"]["count"] == 1
+
+
+def test_a_jpeg_with_corrupt_entropy_data_is_a_bad_input(tmp_path):
+    data = bytearray(_jpeg(128))
+    for position in range(data.rfind(b"\xff\xda") + 100, len(data) - 100, 211):
+        data[position] ^= 0x5A  # OpenCV decodes this with a printed warning only
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_GRAYSCALE) is not None
+    _refused(_write(tmp_path / "corrupt.jpg", bytes(data)), "corrupt JPEG data")
+    assert read_gray(_write(tmp_path / "fine.jpg", _jpeg(128))).gray.shape == (128, 128)

@@ -3,6 +3,7 @@ before decoding, and the one image finder that `shard` and `predict` share."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from cxr_fast.data.images.dicom import looks_like_dicom, read_dicom_source
 from cxr_fast.data.images.headers import PNG_SIGNATURE, file_limit, image_header, read_regular
@@ -110,6 +112,23 @@ def _check_header(path: Path, data: bytes, max_pixels: int | None) -> None:
     if header.format == "JPEG" and header.bits != 8:
         raise BadInput(path, f"a {header.bits}-bit JPEG: only 8-bit JPEG files are read (save it as a 16-bit PNG or "
                              "a DICOM file)")
+    if header.format == "JPEG":
+        _check_jpeg_stream(path, data)
+
+
+def _check_jpeg_stream(path: Path, data: bytes) -> None:
+    """Refuse a JPEG whose entropy-coded data is corrupt. OpenCV's decoder only prints libjpeg's warning ("Corrupt
+    JPEG data") and returns an image; Pillow's raises on it. Its draft mode decodes every coefficient (so every
+    corrupt segment is found) at an eighth of the side, about as long as the full decode takes."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("L", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Image.DecompressionBombError:  # Pillow's own pixel limit, below --max-pixels, already checked: nothing to add
+        return
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BadInput(path, f"corrupt JPEG data ({str(error)[:120]}): not scored on what a lenient decoder makes "
+                             "of it") from None
 
 
 def read_gray(path: Path, max_pixels: int | None = None) -> SourceImage:
