@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -158,7 +159,21 @@ def test_loader_workers_have_a_process_group_of_their_own(synth_shards):
     assert sum(1 for _ in loader) == len(loader)  # every worker has served a batch: all are initialised
     workers = [worker.pid for worker in loader.loader._iterator._workers]
     assert len(workers) == 2 and all(os.getpgid(pid) == pid != os.getpgid(0) for pid in workers)
+    # Their forkserver stays in the job's group but ignores SIGTERM; the workers do not ignore it.
+    forkserver = {_parent(pid) for pid in workers}
+    assert len(forkserver) == 1 and _ignores_sigterm(*forkserver) and not any(map(_ignores_sigterm, workers))
+    os.kill(*forkserver, signal.SIGTERM)
+    time.sleep(0.5)
     assert sum(1 for _ in loader) == len(loader)  # and, persistent, they serve the next epoch
+
+
+def _parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _ignores_sigterm(pid):
+    ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    return bool(int(ignored.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _descendants(pid):
@@ -184,6 +199,8 @@ def test_sigterm_on_preemption_saves_last(synth_shards, tmp_path, how):
     output = process.communicate(timeout=180)[0]
     assert process.returncode == 0, output
     assert "stopped by SIGTERM" in output and "Traceback" not in output
+    if how == "process group":  # the workers were not signalled: they serve the main process to its last step
+        assert "the loader failed" not in output
     assert (run / "checkpoints/last.pt").exists()
 
 
