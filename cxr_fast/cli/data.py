@@ -61,20 +61,14 @@ def synth(out: Path, **settings) -> None:
                 "shard_size", "encoding", "jpeg_quality", "resize", "seed", "on_error", "max_pixels", "workers")
 @click.option("--overwrite", is_flag=True, help="Replace a complete shard set in --out made with other settings.")
 @config_file_option(ShardConfig)
-def shard(datasets, images, labels, spec, test_list, train_val_list, overwrite, **settings) -> None:
+def shard(overwrite, **options) -> None:
     """Pack one or more data sets into WebDataset shards with a patient-level split, DALI indexes and
     manifest.json.
 
     Re-running the same command skips shards that are already complete and correct.
     """
-    datasets = datasets or ("nih",)
-    if not len(datasets) == len(images) == len(labels):
-        raise click.UsageError(f"give --images and --labels once per --dataset ({len(datasets)} data set(s), "
-                               f"{len(images)} --images, {len(labels)} --labels)")
-    config = build_config(ShardConfig, settings)
-    lists = (test_list, train_val_list)
-    inputs = [ShardInput(folder, table, name, spec if name == "table" else None, lists if name == "nih" else (None, None))
-              for name, folder, table in zip(datasets, images, labels)]
+    inputs = _shard_inputs(options)  # takes the input options; the rest are the ShardConfig settings
+    config = build_config(ShardConfig, options)
     manifest = write_shards(inputs, config, overwrite)
     counts = ", ".join(f"{name} {s['images']} images / {s['patients']} patients"
                        for name, s in manifest["splits"].items())
@@ -82,6 +76,18 @@ def shard(datasets, images, labels, spec, test_list, train_val_list, overwrite, 
     orphans = sum(entry["reason"] == NO_ROW for entry in manifest["skipped"])
     click.echo(f"{config.out}: {counts}; of {manifest['table_rows']} table rows left out: {dropped}"
                + (f"; {orphans} image(s) without a table row skipped" if orphans else ""))
+
+
+def _shard_inputs(options: dict) -> list[ShardInput]:
+    """One ShardInput per --dataset, from (and out of) the command's options."""
+    datasets = options.pop("datasets") or ("nih",)
+    images, labels, spec = options.pop("images"), options.pop("labels"), options.pop("spec")
+    lists = (options.pop("test_list"), options.pop("train_val_list"))
+    if not len(datasets) == len(images) == len(labels):
+        raise click.UsageError(f"give --images and --labels once per --dataset ({len(datasets)} data set(s), "
+                               f"{len(images)} --images, {len(labels)} --labels)")
+    return [ShardInput(folder, table, name, spec if name == "table" else None, lists if name == "nih" else (None, None))
+            for name, folder, table in zip(datasets, images, labels)]
 
 
 @click.command("verify")
