@@ -161,10 +161,12 @@ def test_loader_workers_have_a_process_group_of_their_own(synth_shards):
     assert len(workers) == 2 and all(os.getpgid(pid) == pid != os.getpgid(0) for pid in workers)
     # Their forkserver stays in the job's group but ignores SIGTERM; the workers do not ignore it.
     forkserver = {_parent(pid) for pid in workers}
-    assert len(forkserver) == 1 and _ignores_sigterm(*forkserver) and not any(map(_ignores_sigterm, workers))
+    assert len(forkserver) == 1 and _ignores_sigterm(*forkserver)
+    assert not any(map(_ignores_sigterm, workers))
     os.kill(*forkserver, signal.SIGTERM)
     time.sleep(0.5)
     assert sum(1 for _ in loader) == len(loader)  # and, persistent, they serve the next epoch
+
 
 
 def _parent(pid):
@@ -172,8 +174,8 @@ def _parent(pid):
 
 
 def _ignores_sigterm(pid):
-    ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
-    return bool(int(ignored.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _descendants(pid):

@@ -21,7 +21,6 @@ import multiprocessing.forkserver
 import os
 import random
 import signal
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -161,24 +160,10 @@ def _init_worker(_worker_id: int) -> None:
     cv2.setNumThreads(1)
     # A process group of its own: a SIGTERM sent to the job's group on preemption reaches the main process, which
     # finishes its step and saves last.pt with the workers still serving it (a signal to each process is handled
-    # there too: the run stops at its last optimizer step). The forkserver ignores SIGTERM; a worker does not.
+    # there too: the run stops at its last optimizer step). The forkserver ignores SIGTERM (`data/forkserver_init.py`);
+    # a worker does not.
     os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _start_forkserver() -> None:
-    """Start the workers' forkserver so that it ignores SIGTERM (the disposition survives its exec), as CPython's
-    resource tracker does. It lives in the job's process group: killed by a group SIGTERM, it would take the workers
-    with it (torch's worker watchdog takes a new parent for a dead main process) while the main process, which sees
-    their exit codes through the forkserver, takes them for joined and removes the temporary folder their sockets are
-    in. It still ends with the main process, when the pipe it watches closes."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal dispositions can only be set there; the DataLoader starts it as usual
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Loader:
@@ -205,8 +190,8 @@ class TorchLoader(_Loader):
     def __init__(self, tars: list[tuple[str, int]], lo: int, hi: int, spec: LoaderSpec, masked: bool):
         super().__init__(spec, math.ceil((hi - lo) / spec.batch_size))
         workers = min(spec.data.workers, self.batches)  # no idle workers
-        if workers:
-            _start_forkserver()
+        if workers:  # takes effect when the forkserver starts, with the first workers
+            multiprocessing.forkserver.set_forkserver_preload(["__main__", "cxr_fast.data.forkserver_init"])
         self.dataset = dataset = ShardDataset(tars, lo, hi, spec, masked)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
