@@ -168,7 +168,6 @@ def test_loader_workers_have_a_process_group_of_their_own(synth_shards):
     assert sum(1 for _ in loader) == len(loader)  # and, persistent, they serve the next epoch
 
 
-
 def _parent(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
